@@ -1,0 +1,38 @@
+"""spcompile: sparse attention for unmodified PyTorch models, via torch.compile.
+
+    model = torch.compile(model, backend="spcompile", options={"spec": "attn.yaml"})
+"""
+
+from .reference import reference_attention
+from .spec.masks import dense_mask
+from .spec.patterns import (
+    AnyOf,
+    Blocked,
+    BlockLayout,
+    Dense,
+    Global,
+    Neighborhood,
+    Pattern,
+    PerHead,
+    Sliding,
+    Strided,
+    TopK,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnyOf",
+    "BlockLayout",
+    "Blocked",
+    "Dense",
+    "Global",
+    "Neighborhood",
+    "Pattern",
+    "PerHead",
+    "Sliding",
+    "Strided",
+    "TopK",
+    "dense_mask",
+    "reference_attention",
+]

@@ -1,0 +1,1 @@
+"""Patterns, their exact masks, and spec files."""
