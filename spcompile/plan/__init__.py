@@ -1,0 +1,1 @@
+"""Token layouts and tile plans, shared by the kernels, the CPU path and the simulator."""

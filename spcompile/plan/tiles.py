@@ -1,0 +1,276 @@
+"""Tile plans: the single source of truth for what the kernels, the CPU path and the simulator do.
+
+A plan lists, for each Q tile, the KV tiles it visits, split into FULL tiles (no mask) and
+PARTIAL tiles (mask evaluated per element), in ascending KV order; empty tiles are never listed.
+The forward kernel runs two loops per Q tile over exactly these lists; the backward kernels read
+the transposed lists; the simulator costs exactly these tiles; the CPU path computes exactly
+these tiles. Q tiles are scheduled longest-first, so the short ones fill the last wave.
+
+Lists are int32 tensors [n_q_tiles, max_count] padded with 0, with counts [n_q_tiles]. They are
+built once per (pattern, lengths, tiles) from the structural tile states (see ``states``) and
+cached; their size is the number of visited tiles, never S x S.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..spec.patterns import (
+    AnyOf,
+    Blocked,
+    Dense,
+    Neighborhood,
+    Pattern,
+    PerHead,
+    Sliding,
+    TopK,
+)
+from .layout import TokenLayout
+from .states import EMPTY, FULL, PARTIAL, has_rule, tile_states
+
+TileShape = tuple[int, ...]
+
+
+def grid_of(pattern: Pattern) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(grid, dilation) when the pattern lays tokens out on an N-d grid, else None (1-D)."""
+    if isinstance(pattern, Neighborhood):
+        return pattern.shape, pattern.dilation
+    if isinstance(pattern, AnyOf):
+        grids = {g for g in (grid_of(m) for m in pattern.patterns) if g is not None}
+        if len(grids) > 1:
+            raise NotImplementedError("AnyOf: members on different token grids")
+        return grids.pop() if grids else None
+    return None
+
+
+def layouts_for(
+    pattern: Pattern, q_len: int, kv_len: int, q_tile: TileShape, kv_tile: TileShape
+) -> tuple[TokenLayout, TokenLayout]:
+    grid = grid_of(pattern)
+    if grid is None:
+        if len(q_tile) != 1 or len(kv_tile) != 1:
+            raise ValueError(f"a 1-D pattern takes 1-D tiles, got q_tile={q_tile}, "
+                             f"kv_tile={kv_tile}")
+        return TokenLayout((q_len,), q_tile), TokenLayout((kv_len,), kv_tile)
+    shape, dilation = grid
+    if len(q_tile) != len(shape) or len(kv_tile) != len(shape):
+        raise ValueError(f"a pattern on a {len(shape)}-D grid takes {len(shape)}-D tiles, got "
+                         f"q_tile={q_tile}, kv_tile={kv_tile}")
+    return TokenLayout(shape, q_tile, dilation), TokenLayout(shape, kv_tile, dilation)
+
+
+def _lists(states: Tensor, value: int) -> tuple[Tensor, Tensor]:
+    """Row-wise ascending column indices where states == value: (idx [n, max], count [n])."""
+    hit = states == value
+    count = hit.sum(1)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    # Stable sort puts hits first in ascending column order.
+    order = torch.sort((~hit).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    idx = torch.where(torch.arange(width)[None, :] < count[:, None], order, 0)
+    return idx.to(torch.int32).contiguous(), count.to(torch.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlan:
+    """Which KV tiles each Q tile visits, full or partial. See the module docstring."""
+
+    pattern: Pattern
+    q_len: int
+    kv_len: int
+    q_layout: TokenLayout
+    kv_layout: TokenLayout
+    states: Tensor  # int8 [n_q_tiles, n_kv_tiles]: EMPTY / PARTIAL / FULL
+    exact_by_mask: bool  # states came from the per-pair mask (slow path)
+    full_idx: Tensor = field(init=False)
+    full_cnt: Tensor = field(init=False)
+    part_idx: Tensor = field(init=False)
+    part_cnt: Tensor = field(init=False)
+    schedule: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        full_idx, full_cnt = _lists(self.states, FULL)
+        part_idx, part_cnt = _lists(self.states, PARTIAL)
+        work = (full_cnt + part_cnt).to(torch.long)
+        schedule = torch.sort(work, descending=True, stable=True).indices.to(torch.int32)
+        for name, value in (("full_idx", full_idx), ("full_cnt", full_cnt),
+                            ("part_idx", part_idx), ("part_cnt", part_cnt),
+                            ("schedule", schedule)):
+            object.__setattr__(self, name, value)
+
+    # -- shape facts ---------------------------------------------------------------------
+    @property
+    def q_tile(self) -> TileShape:
+        return self.q_layout.tile
+
+    @property
+    def kv_tile(self) -> TileShape:
+        return self.kv_layout.tile
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.q_layout.num_tiles
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.kv_layout.num_tiles
+
+    @property
+    def permuted(self) -> bool:
+        return not (self.q_layout.is_identity and self.kv_layout.is_identity)
+
+    # -- counts --------------------------------------------------------------------------
+    @property
+    def num_full(self) -> int:
+        return int(self.full_cnt.sum())
+
+    @property
+    def num_partial(self) -> int:
+        return int(self.part_cnt.sum())
+
+    @property
+    def num_visited(self) -> int:
+        return self.num_full + self.num_partial
+
+    @property
+    def tile_bound(self) -> float:
+        """NATTEN's tile bound: (all tile pairs) / (visited tile pairs), each charged in full."""
+        return self.num_q_tiles * self.num_kv_tiles / max(self.num_visited, 1)
+
+    def transposed(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For the dK/dV pass: per KV tile, the Q tiles visiting it (full idx/cnt, part idx/cnt)."""
+        return _transposed(self)
+
+    def device_tensors(self, device: torch.device | str) -> dict[str, Tensor]:
+        """The lists on ``device``, cached per device."""
+        return _device_tensors(self, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _transposed(plan: TilePlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    st = plan.states.t().contiguous()
+    return (*_lists(st, FULL), *_lists(st, PARTIAL))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
+    names = ("full_idx", "full_cnt", "part_idx", "part_cnt", "schedule")
+    out = {n: getattr(plan, n).to(device) for n in names}
+    t_full_idx, t_full_cnt, t_part_idx, t_part_cnt = plan.transposed()
+    out.update(t_full_idx=t_full_idx.to(device), t_full_cnt=t_full_cnt.to(device),
+               t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device))
+    return out
+
+
+def _as_tile(tile: int | TileShape, ndim: int, name: str) -> TileShape:
+    if isinstance(tile, int):
+        if ndim != 1:
+            raise ValueError(f"{name}: a {ndim}-D grid needs a tile shape with {ndim} entries, "
+                             f"got {tile}")
+        return (tile,)
+    out = tuple(int(t) for t in tile)
+    if len(out) != ndim or any(t < 1 for t in out):
+        raise ValueError(f"{name}: expected {ndim} positive sizes, got {tile}")
+    return out
+
+
+def build_plan(
+    pattern: Pattern, q_len: int, kv_len: int,
+    q_tile: int | TileShape | None = None, kv_tile: int | TileShape | None = None,
+) -> TilePlan:
+    """The tile plan of a static, single-head pattern (cached). Tiles default per ``choose``."""
+    if isinstance(pattern, (PerHead, TopK)):
+        raise TypeError(f"build_plan: {type(pattern).__name__} has per-head or data-dependent "
+                        "plans; use spcompile.plan.heads / spcompile.plan.topk")
+    pattern.check_lengths(q_len, kv_len)
+    grid = grid_of(pattern)
+    ndim = 1 if grid is None else len(grid[0])
+    if q_tile is None or kv_tile is None:
+        from .choose import default_tiles
+
+        dq, dk = default_tiles(pattern, q_len, kv_len)
+        q_tile = dq if q_tile is None else q_tile
+        kv_tile = dk if kv_tile is None else kv_tile
+    return _build_plan(pattern, int(q_len), int(kv_len), _as_tile(q_tile, ndim, "q_tile"),
+                       _as_tile(kv_tile, ndim, "kv_tile"))
+
+
+@functools.lru_cache(maxsize=256)
+def _build_plan(
+    pattern: Pattern, q_len: int, kv_len: int, q_tile: TileShape, kv_tile: TileShape
+) -> TilePlan:
+    q_layout, kv_layout = layouts_for(pattern, q_len, kv_len, q_tile, kv_tile)
+    states = tile_states(pattern, q_layout, kv_layout, kv_len - q_len)
+    return TilePlan(pattern, q_len, kv_len, q_layout, kv_layout, states,
+                    exact_by_mask=not has_rule(pattern))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact counts of allowed (query, key) pairs: the FLOP bound's denominator
+
+
+def allowed_pairs(pattern: Pattern, q_len: int, kv_len: int) -> int:
+    """Number of allowed (query, key) pairs, computed without an S x S mask."""
+    pattern.check_lengths(q_len, kv_len)
+    if isinstance(pattern, Dense):
+        return q_len * kv_len
+    if isinstance(pattern, Sliding):
+        p = torch.arange(q_len) + (kv_len - q_len)
+        lo = (p - pattern.left_extent).clamp_min(0)
+        hi = (p + pattern.right_extent).clamp_max(kv_len - 1)
+        return int((hi - lo + 1).clamp_min(0).sum())
+    if isinstance(pattern, Neighborhood):
+        return _neighborhood_pairs(pattern)
+    if isinstance(pattern, Blocked) and not pattern.causal and q_len == kv_len:
+        full, rest = divmod(q_len, pattern.block)
+        return full * pattern.block**2 + rest * rest
+    return _pairs_from_plan(pattern, q_len, kv_len)
+
+
+def _neighborhood_pairs(p: Neighborhood) -> int:
+    """Per axis the window sizes sum independently; the mask is their product per group."""
+    from .states import _neighborhood_window
+
+    total = 0
+    per_axis: list[dict[int, int]] = []
+    for a, length in enumerate(p.shape):
+        d = p.dilation[a]
+        sums = {}
+        for g in range(d):
+            lg = length // d + (1 if g < length % d else 0)
+            x = torch.arange(lg)
+            lo, hi = _neighborhood_window(p.window[a], p.stride[a], p.causal[a])(
+                x, torch.tensor(lg))
+            sums[g] = int((hi - lo + 1).sum())
+        per_axis.append(sums)
+    for groups in itertools.product(*[range(d) for d in p.dilation]):
+        total += math.prod(per_axis[a][g] for a, g in enumerate(groups))
+    return total
+
+
+def _pairs_from_plan(pattern: Pattern, q_len: int, kv_len: int) -> int:
+    """Full tiles count their area; partial tiles are counted element by element."""
+    plan = build_plan(pattern, q_len, kv_len, 128 if grid_of(pattern) is None else None,
+                      128 if grid_of(pattern) is None else None)
+    qt = plan.q_layout.token_index().view(plan.num_q_tiles, -1)
+    kt = plan.kv_layout.token_index().view(plan.num_kv_tiles, -1)
+    q_valid, k_valid = (qt >= 0).sum(1), (kt >= 0).sum(1)
+    full_q, full_k = (plan.states == FULL).nonzero(as_tuple=True)
+    total = int((q_valid[full_q] * k_valid[full_k]).sum())
+    part_q, part_k = (plan.states == PARTIAL).nonzero(as_tuple=True)
+    for start in range(0, part_q.numel(), 256):
+        qi = qt[part_q[start : start + 256]][:, :, None]
+        kj = kt[part_k[start : start + 256]][:, None, :]
+        ok = (qi >= 0) & (kj >= 0)
+        allowed = pattern.allowed(qi.clamp_min(0), kj.clamp_min(0), q_len, kv_len)
+        total += int((allowed & ok).sum())
+    return total
+
+
+__all__ = ["EMPTY", "FULL", "PARTIAL", "TilePlan", "allowed_pairs", "build_plan", "layouts_for"]
+
