@@ -10,9 +10,13 @@ axis is longest (longer contiguous runs of tokens per row in memory).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
-from ..spec.patterns import Pattern
+import torch
+
+from ..spec.patterns import Neighborhood, Pattern
+from .states import EMPTY, _interval_axis, _neighborhood_window
 from .tiles import TileShape, build_plan, grid_of
 
 Q_TOKENS = 128
@@ -51,17 +55,37 @@ def default_tiles(pattern: Pattern, q_len: int, kv_len: int) -> tuple[TileShape,
 def best_boxes(
     pattern: Pattern, q_len: int, kv_len: int, q_tokens: int, kv_tokens: int
 ) -> tuple[TileShape, TileShape]:
+    """The box pair visiting the fewest tile-equivalents.
+
+    A neighborhood's tile states are the outer product of per-axis states, so the number of
+    visited tile pairs is the product of per-axis counts (summed over dilation groups): each
+    candidate costs a few tiny per-axis matrices, not a plan.
+    """
     grid = grid_of(pattern)
     assert grid is not None
     shape, dilation = grid
     group = tuple(-(-n // d) for n, d in zip(shape, dilation, strict=True))
-    best: tuple[float, int, TileShape, TileShape] | None = None
+    if not isinstance(pattern, Neighborhood):
+        candidates = [(qt, kt) for qt in boxes(q_tokens, group) for kt in boxes(kv_tokens, group)]
+        costs = [build_plan(pattern, q_len, kv_len, qt, kt).num_visited for qt, kt in candidates]
+        best = min(zip(costs, candidates, strict=True), key=lambda c: (c[0], -c[1][0][-1]))
+        return best[1]
+
+    @functools.cache
+    def axis_visits(a: int, g: int, qt: int, kt: int) -> int:
+        length = torch.tensor(shape[a] // dilation[a] + (1 if g < shape[a] % dilation[a] else 0))
+        n_q, n_k = -(-group[a] // qt), -(-group[a] // kt)
+        window = _neighborhood_window(pattern.window[a], pattern.stride[a], pattern.causal[a])
+        return int((_interval_axis(window, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
+
+    best: tuple[int, int, TileShape, TileShape] | None = None
     for qt in boxes(q_tokens, group):
         for kt in boxes(kv_tokens, group):
-            plan = build_plan(pattern, q_len, kv_len, qt, kt)
-            # Cost in tile-equivalents: visited KV tiles times their size, per Q tile.
-            cost = plan.num_visited * kv_tokens * plan.num_q_tiles * q_tokens
-            key = (cost, -kt[-1] - qt[-1], qt, kt)
+            visited = sum(
+                math.prod(axis_visits(a, g[a], qt[a], kt[a]) for a in range(len(shape)))
+                for g in itertools.product(*[range(d) for d in dilation])
+            )
+            key = (visited, -kt[-1] - qt[-1], qt, kt)
             if best is None or key < best:
                 best = key
     assert best is not None

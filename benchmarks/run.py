@@ -1,0 +1,154 @@
+"""Run the suite on a GPU: check correctness, then time SDPA, FlexAttention and spcompile.
+
+    python benchmarks/run.py [--rows sw16k,na2d31] [--bwd] [--out results.json]
+
+Correctness: on fresh random inputs, 64 sampled query rows of every head are compared with a
+float64 masked softmax over all keys (no S x S mask is built). Timing: triton.testing.do_bench
+medians, all in one process; speedup = SDPA time / our time, both measured in this run.
+FlexAttention uses a compiled flex_attention and a block mask built once outside the timed
+region (row-major tokens, as its users would write it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from suite import Row, suite
+
+import spcompile as sp
+from spcompile.codegen.fwd import attn_fwd
+from spcompile.plan.tiles import allowed_pairs, build_plan
+
+B, H, D = 1, 24, 128
+
+
+def sampled_error(row: Row, q, k, v, out) -> float:
+    """Relative error of 64 random query rows (all heads) against float64 masked softmax."""
+    s = row.seq_len
+    rows = torch.randperm(s, device=q.device)[:64].sort().values
+    allowed = row.pattern.allowed(rows.cpu()[:, None], torch.arange(s)[None, :], s, s)
+    qs = q[:, :, rows].double()
+    scores = qs @ k.double().transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
+    ref = scores.softmax(-1).nan_to_num(0.0) @ v.double()
+    got = out[:, :, rows].double()
+    return float((got - ref).norm() / ref.norm())
+
+
+def flex_fn(row: Row, q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s, pattern = row.seq_len, row.pattern
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern.allowed(q_idx, kv_idx, s, s)
+
+    block_mask = create_block_mask(mask_mod, None, None, s, s, device=q.device)
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=block_mask)
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def run_row(row: Row, args) -> dict:
+    s = row.seq_len
+    dev = "cuda"
+    q, k, v = (torch.randn(B, H, s, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    t0 = time.time()
+    plan = build_plan(row.pattern, s, s)
+    plan_s = time.time() - t0
+    t0 = time.time()
+    out, _ = attn_fwd(q, k, v, plan)
+    torch.cuda.synchronize()
+    first_call_s = time.time() - t0
+    err = sampled_error(row, q, k, v, out)
+    pairs = allowed_pairs(row.pattern, s, s)
+    res = {"id": row.id, "tokens": s, "q_tile": plan.q_tile, "kv_tile": plan.kv_tile,
+           "flop_bound": s * s / pairs, "tile_bound": plan.tile_bound, "rel_err": err,
+           "plan_s": plan_s, "first_call_s": first_call_s, "goal": row.goal}
+    sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    ours_ms = bench(lambda: attn_fwd(q, k, v, plan))
+    res.update(sdpa_ms=sdpa_ms, ours_ms=ours_ms, speedup=sdpa_ms / ours_ms)
+    dense_flops = 4 * B * H * s * s * D
+    res["sdpa_tflops"] = dense_flops / sdpa_ms / 1e9
+    res["ours_dense_equiv_tflops"] = dense_flops / ours_ms / 1e9
+    if row.flex and not args.no_flex:
+        try:
+            fn = flex_fn(row, q, k, v)
+            fn()
+            res["flex_ms"] = bench(fn)
+            res["flex_speedup"] = sdpa_ms / res["flex_ms"]
+        except Exception as e:  # report, never hide
+            res["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if args.bwd:
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        do = torch.randn_like(q)
+
+        def sdpa_fb():
+            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
+
+        def ours_fb():
+            sp.sparse_attention(qg, kg, vg, row.pattern).backward(do)
+
+        res["sdpa_fb_ms"] = bench(sdpa_fb)
+        res["ours_fb_ms"] = bench(ours_fb)
+        res["fb_speedup"] = res["sdpa_fb_ms"] / res["ours_fb_ms"]
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="")
+    parser.add_argument("--bwd", action="store_true")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    wanted = set(filter(None, args.rows.split(",")))
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(env))
+    results = []
+    for row in suite():
+        if wanted and row.id not in wanted:
+            continue
+        try:
+            res = run_row(row, args)
+        except Exception as e:
+            res = {"id": row.id, "error": f"{type(e).__name__}: {e}"}
+        results.append(res)
+        print(json.dumps(res, default=str), flush=True)
+        torch.cuda.empty_cache()
+    print()
+    print(f"{'row':12s} {'flop':>6s} {'tile':>6s} {'err':>8s} {'sdpa ms':>8s} {'ours':>7s} "
+          f"{'speedup':>8s} {'goal':>5s} {'flex':>6s} {'eqTF':>6s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['id']:12s} ERROR {r['error'][:100]}")
+            continue
+        flex = f"{r['flex_speedup']:.2f}x" if "flex_speedup" in r else "-"
+        print(f"{r['id']:12s} {r['flop_bound']:6.2f} {r['tile_bound']:6.2f} {r['rel_err']:8.1e} "
+              f"{r['sdpa_ms']:8.2f} {r['ours_ms']:7.3f} {r['speedup']:7.2f}x {r['goal']:5.1f} "
+              f"{flex:>6s} {r['ours_dense_equiv_tflops']:6.0f}"
+              + (f"  fb {r['fb_speedup']:.2f}x" if "fb_speedup" in r else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1,
+                                             default=str))
+
+
+if __name__ == "__main__":
+    main()

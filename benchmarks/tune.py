@@ -1,0 +1,68 @@
+"""Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
+
+    python benchmarks/tune.py [--rows blk16k,na3d]
+
+For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
+do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
+defaults in spcompile.codegen.fwd.default_config / spcompile.plan.choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import B, D, H, bench, sampled_error
+from suite import suite
+
+from spcompile.codegen.fwd import LaunchConfig, attn_fwd
+from spcompile.plan.choose import best_boxes
+from spcompile.plan.tiles import build_plan, grid_of
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="blk16k,sw32k,na2d31,na3d,hunyuan_gna")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    rows = [r for r in suite() if r.id in args.rows.split(",")]
+    sizes = [(128, 128), (128, 64), (64, 64)]
+    configs = [LaunchConfig(w, s) for w, s in itertools.product((4, 8), (2, 3, 4))]
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        for (mq, mk), cfg in itertools.product(sizes, configs):
+            if grid_of(row.pattern) is None:
+                qt, kt = (mq,), (mk,)
+            else:
+                qt, kt = best_boxes(row.pattern, s, s, mq, mk)
+            plan = build_plan(row.pattern, s, s, qt, kt)
+            try:
+                out, _ = attn_fwd(q, k, v, plan, config=cfg)
+                err = sampled_error(row, q, k, v, out)
+                ms = bench(lambda: attn_fwd(q, k, v, plan, config=cfg))
+            except Exception as e:
+                print(row.id, mq, mk, cfg, "ERROR", type(e).__name__, str(e)[:120])
+                continue
+            res = {"id": row.id, "q": qt, "kv": kt, "warps": cfg.num_warps,
+                   "stages": cfg.num_stages, "err": err, "ms": ms, "speedup": sdpa / ms,
+                   "tile_bound": plan.tile_bound}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        best = max((r for r in results if r["id"] == row.id), key=lambda r: r["speedup"])
+        print("BEST", json.dumps(best), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernel generation from tile plans (no FX here)."""

@@ -1,0 +1,224 @@
+"""The forward kernel: one Q tile per program, two loops over exactly the plan's KV tiles.
+
+    for each FULL kv tile:    s = q k^T            (no mask arithmetic at all)
+    for each PARTIAL kv tile: s = mask(q k^T)      (the pattern's expression, emit.mask_expr)
+
+Online softmax in fp32 with exp2 (the scale folded into log2 e). Programs are numbered
+rank-major over (Q tile rank in the longest-first schedule, batch x head), so every head's
+longest tiles start in the first wave and the short ones fill the tail. Token permutation is
+fused: row r of a tile loads token ``tok(tile, r)`` straight from the unpermuted [B, H, S, D]
+tensors (emit.layout_code).
+
+Rows that see no key give 0 and LSE -inf, never NaN: the running max is replaced by 0 while it
+is still -inf, so exp2(-inf - 0) = 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..plan.tiles import TilePlan
+from .cache import load_source
+from .emit import layout_code, mask_expr, needs_aux
+
+_TEMPLATE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX,
+    sm_scale, AUX_STRIDE,
+    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
+    full_stride, part_stride, BH,
+    H: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rank = pid // BH
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    tile = tl.load(SCHEDULE + rank)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    # This tile's query rows, straight from the unpermuted layout.
+{q_layout}
+    q_row = q_tok
+    q_row_ok = q_ok
+{q_2d}
+    qpos = q_tok + {offset}
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_tok * s_qs + offs_d[None, :],
+                mask=q_ok & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # FULL tiles: every (query, key) pair allowed, no padding: no mask arithmetic.
+    n_full = tl.load(FULL_CNT + tile)
+    for it in range(n_full):
+        kv_tile = tl.load(FULL_IDX + tile * full_stride + it)
+{k_layout_full}
+        k = tl.load(k_base + k_tok[:, None] * s_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + k_tok[:, None] * s_vs + offs_dv[None, :], mask=dv_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    # PARTIAL tiles: the pattern's mask, element by element.
+    n_part = tl.load(PART_CNT + tile)
+    for it in range(n_part):
+        kv_tile = tl.load(PART_IDX + tile * part_stride + it)
+{k_layout_part}
+        k_col = k_tok
+        k_col_ok = k_ok
+        k = tl.load(k_base + k_col[:, None] * s_ks + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+{k_2d}
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        keep = k_ok & ({mask})
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + k_col[:, None] * s_vs + offs_dv[None, :],
+                    mask=k_col_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok & dv_ok[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh + q_row, lse, mask=q_row_ok)
+'''
+
+
+def _indent(lines: list[str], n: int) -> str:
+    return textwrap.indent("\n".join(lines), " " * n)
+
+
+def _to_2d(prefix: str, ndim: int, shape: str) -> list[str]:
+    names = [f"{prefix}_tok", f"{prefix}_ok"] + [f"{prefix}x{a}" for a in range(ndim)]
+    return [f"{n} = {n}{shape}" for n in names]
+
+
+def kernel_name(plan: TilePlan, kind: str) -> str:
+    grid = "x".join(map(str, plan.q_layout.grid))
+    tiles = "q" + "x".join(map(str, plan.q_tile)) + "-kv" + "x".join(map(str, plan.kv_tile))
+    return f"{kind}-{plan.pattern.kind}-{grid}-{tiles}"
+
+
+def fwd_source(plan: TilePlan) -> str:
+    """The forward kernel's source for this plan (everything but dtypes and head dims inlined)."""
+    q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
+    k_layout = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
+    return _TEMPLATE.format(
+        q_layout=_indent(q_layout, 4),
+        q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
+        offset=plan.kv_len - plan.q_len,
+        k_layout_full=_indent(k_layout, 8),
+        k_layout_part=_indent(k_layout, 8),
+        k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[None, :]"), 8),
+        mask=mask_expr(plan.pattern),
+    )
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    num_warps: int
+    num_stages: int
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(head_dim: int, block_m: int) -> LaunchConfig:
+    # 8 warps for 128-row tiles (two warpgroups' worth of wgmma rows); 2 stages keeps the
+    # 128x128 K and V buffers within shared memory at head_dim 128 (measured on H100: see
+    # benchmarks/RESULTS.md).
+    if block_m >= 128:
+        return LaunchConfig(num_warps=8, num_stages=2 if head_dim > 64 else 3)
+    return LaunchConfig(num_warps=4, num_stages=2)
+
+
+def check_tiles(plan: TilePlan) -> None:
+    """Tiles the kernels can run: power-of-two volumes of at least 16 (tl.dot's minimum)."""
+    for name, size in (("q_tile", plan.q_layout.tile_size), ("kv_tile", plan.kv_layout.tile_size)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"the Triton kernels need tiles of a power-of-two volume >= 16, got "
+                             f"{name}={getattr(plan, name)} ({size} tokens)")
+
+
+def attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
+    config: LaunchConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel. q [B, H, Sq, D]; k [B, H_kv, Skv, D]; v [B, H_kv, Skv, Dv].
+
+    Returns (out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32, natural log).
+    """
+    b, h, sq, d = q.shape
+    h_kv, skv, dv = k.shape[1], k.shape[2], v.shape[3]
+    if (sq, skv) != (plan.q_len, plan.kv_len):
+        raise ValueError(f"attn_fwd: plan is for q_len={plan.q_len}, kv_len={plan.kv_len}, "
+                         f"got {sq}, {skv}")
+    check_tiles(plan)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    module = load_source(kernel_name(plan, "fwd"), fwd_source(plan))
+    t = plan.device_tensors(q.device)
+    aux_pattern = needs_aux(plan.pattern)
+    if aux_pattern is not None:
+        n_blocks = -(-plan.kv_len // aux_pattern.block)
+        aux = aux_pattern.block_mask(n_blocks).to(torch.int8).to(q.device).contiguous()
+        aux_stride = aux.stride(0)
+    else:
+        aux, aux_stride = t["full_cnt"], 0
+    out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    config = config or default_config(d, block_m)
+    grid = (plan.num_q_tiles * b * h,)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    module.attn_fwd_kernel[grid](
+        q, k, v, out, lse, t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"],
+        t["schedule"], aux, scale, aux_stride,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
+        H=h, GROUP=h // h_kv, HEAD_DIM=d, HEAD_DIM_V=dv,
+        BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_DV=max(16, 1 << (dv - 1).bit_length()),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
