@@ -39,7 +39,7 @@ def main() -> None:
     for row in rows:
         s = row.seq_len
         q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
         for (mq, mk), cfg in itertools.product(sizes, configs):
             if grid_of(row.pattern) is None:
                 qt, kt = (mq,), (mk,)
@@ -49,7 +49,7 @@ def main() -> None:
             try:
                 out, _ = attn_fwd(q, k, v, plan, config=cfg)
                 err = sampled_error(row, q, k, v, out)
-                ms = bench(lambda: attn_fwd(q, k, v, plan, config=cfg))
+                ms = bench(lambda q=q, k=k, v=v, p=plan, c=cfg: attn_fwd(q, k, v, p, config=c))
             except Exception as e:
                 print(row.id, mq, mk, cfg, "ERROR", type(e).__name__, str(e)[:120])
                 continue
