@@ -4,6 +4,8 @@
 """
 
 from .reference import reference_attention
+from .spec.errors import SpecError
+from .spec.loading import load_spec
 from .spec.masks import dense_mask
 from .spec.patterns import (
     AnyOf,
@@ -31,8 +33,10 @@ __all__ = [
     "Pattern",
     "PerHead",
     "Sliding",
+    "SpecError",
     "Strided",
     "TopK",
     "dense_mask",
+    "load_spec",
     "reference_attention",
 ]
