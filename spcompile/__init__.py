@@ -3,6 +3,7 @@
     model = torch.compile(model, backend="spcompile", options={"spec": "attn.yaml"})
 """
 
+from .attention import sparse_attention
 from .reference import reference_attention
 from .spec.errors import SpecError
 from .spec.loading import load_spec
@@ -39,4 +40,5 @@ __all__ = [
     "dense_mask",
     "load_spec",
     "reference_attention",
+    "sparse_attention",
 ]

@@ -161,12 +161,16 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(head_dim: int, block_m: int) -> LaunchConfig:
-    # 8 warps for 128-row tiles (two warpgroups' worth of wgmma rows); 2 stages keeps the
-    # 128x128 K and V buffers within shared memory at head_dim 128 (measured on H100: see
-    # benchmarks/RESULTS.md).
-    if block_m >= 128:
-        return LaunchConfig(num_warps=8, num_stages=2 if head_dim > 64 else 3)
+def default_config(plan: TilePlan) -> LaunchConfig:
+    """Warps and pipeline stages, from the H100 sweep (benchmarks/data/*-h100-tune.json).
+
+    128x64 tiles: 4 warps, 2 stages (blk16k 10.3x; 8 warps 7.6x). 128x128 tiles: 8 warps,
+    3 stages (na2d31 5.8x, hunyuan_gna 7.5x; 4 warps 4.1x / 5.6x). Four stages of 128x128 K/V
+    tiles overflow shared memory at head dim 128.
+    """
+    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    if block_m >= 128 and block_n >= 128:
+        return LaunchConfig(num_warps=8, num_stages=3)
     return LaunchConfig(num_warps=4, num_stages=2)
 
 
@@ -205,7 +209,7 @@ def attn_fwd(
     out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
-    config = config or default_config(d, block_m)
+    config = config or default_config(plan)
     grid = (plan.num_q_tiles * b * h,)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     module.attn_fwd_kernel[grid](

@@ -1,7 +1,9 @@
 """Tile shapes: which boxes to cut the grid into, chosen by the tile bound they give.
 
-The kernels run 128-token Q tiles and 128- or 64-token KV tiles (the sizes at which a Hopper
-flash-attention loop is efficient). For an N-d grid, every box of that volume made of powers of
+Token counts per tile come from the H100 sweep in benchmarks/data/2026-11-23-h100-tune.json:
+1-D patterns ran best with 128-token Q tiles and 64-token KV tiles (blk16k 10.3x vs 8.9x with
+128/128), N-d boxes with 128/128 (na2d31 5.8x vs 5.4x). Head dims above 128 halve the Q tile to
+keep K/V stages in shared memory. For an N-d grid, every box of that volume made of powers of
 two that fits the grid is a candidate; the plan of each is cheap (per-axis states), so we build
 them all and keep the one that visits the fewest tile-equivalents. Ties go to boxes whose last
 axis is longest (longer contiguous runs of tokens per row in memory).
@@ -19,8 +21,12 @@ from ..spec.patterns import Neighborhood, Pattern
 from .states import EMPTY, _interval_axis, _neighborhood_window
 from .tiles import TileShape, build_plan, grid_of
 
-Q_TOKENS = 128
-KV_TOKENS = 128
+
+def tile_tokens(ndim: int, head_dim: int) -> tuple[int, int]:
+    """(Q tokens, KV tokens) per tile for a layout of ``ndim`` axes."""
+    if head_dim > 128:
+        return 64, 64
+    return (128, 64) if ndim == 1 else (128, 128)
 
 
 def boxes(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
@@ -44,12 +50,15 @@ def boxes(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
 
 
 @functools.lru_cache(maxsize=128)
-def default_tiles(pattern: Pattern, q_len: int, kv_len: int) -> tuple[TileShape, TileShape]:
-    """(q_tile, kv_tile) for the kernels; 1-D patterns get (128,), (128,)."""
+def default_tiles(
+    pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128
+) -> tuple[TileShape, TileShape]:
+    """(q_tile, kv_tile) for the kernels: fixed sizes for 1-D, the best boxes for N-d grids."""
     grid = grid_of(pattern)
+    q_tokens, kv_tokens = tile_tokens(1 if grid is None else len(grid[0]), head_dim)
     if grid is None:
-        return (Q_TOKENS,), (KV_TOKENS,)
-    return best_boxes(pattern, q_len, kv_len, Q_TOKENS, KV_TOKENS)
+        return (q_tokens,), (kv_tokens,)
+    return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
 
 
 def best_boxes(

@@ -1,0 +1,99 @@
+"""``sparse_attention``: the public entry to the kernels, for direct and rewritten use."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import attention_op, pattern_key
+from .reference import check_qkv
+from .spec.patterns import Dense, Pattern, PerHead, TopK
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'triton' on CUDA (or on CPU under TRITON_INTERPRET=1 when asked for), else 'torch'."""
+    if impl not in IMPLS:
+        raise ValueError(f"sparse_attention: expected impl to be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("sparse_attention: impl='triton' on a CPU tensor needs "
+                         "TRITON_INTERPRET=1 (the Triton interpreter)")
+    return impl
+
+
+def _tile_arg(tile: int | tuple[int, ...] | None) -> list[int]:
+    if tile is None:
+        return []
+    return [tile] if isinstance(tile, int) else list(tile)
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float | None = None,
+    return_lse: bool = False, impl: str = "auto",
+    q_tile: int | tuple[int, ...] | None = None, kv_tile: int | tuple[int, ...] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention restricted to ``pattern``: softmax(q k^T * scale, masked) v.
+
+    Parameters:
+        q: [B, H, Sq, D]; k: [B, H_kv, Skv, D]; v: [B, H_kv, Skv, Dv], H a multiple of H_kv.
+        pattern: any static pattern, a PerHead mix of them, or Dense.
+        scale: defaults to 1 / sqrt(D).
+        return_lse: also return the log-sum-exp [B, H, Sq] (fp32; -inf on rows with no key).
+        impl: "auto" (Triton on CUDA, the blockwise PyTorch path on CPU), "triton", "torch".
+
+    Other Parameters:
+        q_tile, kv_tile: tile shapes (an int, or one size per grid axis); default: the tile
+            search of spcompile.plan.choose.
+
+    Rows that see no key give 0 (LSE -inf), never NaN. Differentiable in q, k and v. Inside
+    ``torch.compile`` it traces to one custom op with no graph break; build the pattern outside
+    the compiled function (patterns are constants of the graph).
+    """
+    check_qkv(q, k, v, "sparse_attention")
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"sparse_attention: expected a Pattern, got {pattern!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    impl = resolve_impl(impl, q.device)
+    if isinstance(pattern, Dense) and not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    if isinstance(pattern, TopK):
+        raise NotImplementedError("sparse_attention: TopK kernels are not built yet; "
+                                  "use reference_attention for its semantics")
+    if isinstance(pattern, PerHead):
+        return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile)
+    out, lse = attention_op(q, k, v, pattern_key(pattern), scale, impl, _tile_arg(q_tile),
+                            _tile_arg(kv_tile))
+    return (out, lse) if return_lse else out
+
+
+def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_tile):
+    """One launch per run of consecutive heads sharing a pattern; views, not copies, of q/k/v
+    whenever the run is aligned to whole GQA groups."""
+    h, h_kv = q.shape[1], k.shape[1]
+    group = h // h_kv
+    per_head = pattern.resolve(h)
+    outs, lses, start = [], [], 0
+    while start < h:
+        stop = start + 1
+        while stop < h and per_head[stop] == per_head[start]:
+            stop += 1
+        if start % group == 0 and stop % group == 0:
+            ks, vs = k[:, start // group : stop // group], v[:, start // group : stop // group]
+        else:  # a run that splits a GQA group: give each query head its own K/V head
+            kv_heads = torch.arange(start, stop, device=k.device) // group
+            ks, vs = k.index_select(1, kv_heads), v.index_select(1, kv_heads)
+        out, lse = sparse_attention(q[:, start:stop], ks, vs, per_head[start], scale, True, impl,
+                                    q_tile, kv_tile)
+        outs.append(out)
+        lses.append(lse)
+        start = stop
+    out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
+    return (out, lse) if return_lse else out

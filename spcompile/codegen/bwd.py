@@ -1,0 +1,284 @@
+"""The backward kernels: dK/dV per KV tile, dQ per Q tile, both over the forward's tile plan.
+
+    delta = rowsum(dO * O)                                  (torch, one pass over dO and O)
+    dK, dV: program (KV tile, batch, kv head), loops over the GQA group's heads and over the
+            Q tiles that visit this KV tile (the plan's transposed lists), FULL then PARTIAL
+    dQ:     program (Q tile, batch, head), loops over the forward's lists
+
+Every output tile is owned by one program and accumulated in a fixed order: deterministic, no
+atomics. P is recomputed from the saved LSE; rows with LSE -inf (no key) give P = 0.
+
+Loop bodies are generated once per (kernel, masked) pair by ``_dkdv_body`` / ``_dq_body``: the
+masked variant differs only by the pattern's mask and the padding guards.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import torch
+from torch import Tensor
+
+from ..plan.tiles import TilePlan
+from .cache import load_source
+from .emit import layout_code, mask_expr, needs_aux
+from .fwd import LaunchConfig, _to_2d, check_tiles, kernel_name
+
+_HEADER = '''
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+'''
+
+_DKDV = '''
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX,
+    sm_scale, AUX_STRIDE,
+    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
+    s_dkb, s_dkh, s_dks, s_dvb, s_dvh, s_dvs,
+    full_stride, part_stride, BHK,
+    H_KV: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_tile = pid // BHK
+    bhk = pid % BHK
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+{k_layout}
+    k_col = k_tok
+    k_col_ok = k_ok
+{k_2d}
+    k = tl.load(K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh + k_col[:, None] * s_ks
+                + offs_d[None, :], mask=k_col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh + k_col[:, None] * s_vs
+                + offs_dv[None, :], mask=k_col_ok[:, None] & dv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    qk_scale = sm_scale * LOG2E
+    n_full = tl.load(FULL_CNT + kv_tile)
+    n_part = tl.load(PART_CNT + kv_tile)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        do_base = DO + b.to(tl.int64) * s_dob + h.to(tl.int64) * s_doh
+        l_base = b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh
+        for it in range(n_full):
+            tile = tl.load(FULL_IDX + kv_tile * full_stride + it)
+{body_full}
+        for it in range(n_part):
+            tile = tl.load(PART_IDX + kv_tile * part_stride + it)
+{body_part}
+    tl.store(DK + b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh + k_col[:, None] * s_dks
+             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=k_col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b.to(tl.int64) * s_dvb + hk.to(tl.int64) * s_dvh + k_col[:, None] * s_dvs
+             + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_col_ok[:, None] & dv_ok[None, :])
+'''
+
+_DQ = '''
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX,
+    sm_scale, AUX_STRIDE,
+    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
+    s_dqb, s_dqh, s_dqs,
+    full_stride, part_stride, BH,
+    H: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid // BH
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+{q_layout}
+    q_row = q_tok
+    q_row_ok = q_ok
+{q_2d}
+    qpos = q_tok + {offset}
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_tok * s_qs + offs_d[None, :],
+                mask=q_ok & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_dob + h.to(tl.int64) * s_doh + q_tok * s_dos
+                 + offs_dv[None, :], mask=q_ok & dv_ok[None, :], other=0.0)
+    l_base = b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh
+    lse = tl.load(LSE + l_base + q_row, mask=q_row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(DELTA + l_base + q_row, mask=q_row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * LOG2E
+    n_full = tl.load(FULL_CNT + tile)
+    for it in range(n_full):
+        kv_tile = tl.load(FULL_IDX + tile * full_stride + it)
+{body_full}
+    n_part = tl.load(PART_CNT + tile)
+    for it in range(n_part):
+        kv_tile = tl.load(PART_IDX + tile * part_stride + it)
+{body_part}
+    tl.store(DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + q_tok * s_dqs
+             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok & d_ok[None, :])
+'''
+
+
+def _dkdv_body(plan: TilePlan, masked: bool) -> list[str]:
+    """One visited Q tile of the dK/dV loop, in the transposed [N, M] orientation."""
+    lines = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
+    lines += [
+        "q_row = q_tok",
+        "q_row_ok = q_ok",
+        "q = tl.load(q_base + q_row[:, None] * s_qs + offs_d[None, :],"
+        " mask=q_row_ok[:, None] & d_ok[None, :], other=0.0)",
+        "do = tl.load(do_base + q_row[:, None] * s_dos + offs_dv[None, :],"
+        " mask=q_row_ok[:, None] & dv_ok[None, :], other=0.0)",
+        "lse = tl.load(LSE + l_base + q_row, mask=q_row_ok, other=float('inf'))",
+        "lse = tl.where(lse == float('-inf'), float('inf'), lse) * LOG2E",
+        "delta = tl.load(DELTA + l_base + q_row, mask=q_row_ok, other=0.0)",
+        "qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)",
+        "pT = tl.math.exp2(qkT * qk_scale - lse[None, :])",
+    ]
+    if masked:
+        lines += _to_2d("q", plan.q_layout.ndim, "[None, :]")
+        lines += [f"qpos = q_tok + {plan.kv_len - plan.q_len}",
+                  f"pT = tl.where(k_ok & q_ok & ({mask_expr(plan.pattern)}), pT, 0.0)"]
+    lines += [
+        "dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)",
+        "dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)",
+        "dsT = pT * (dpT - delta[None, :])",
+        "dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)",
+    ]
+    return lines
+
+
+def _dq_body(plan: TilePlan, masked: bool) -> list[str]:
+    """One visited KV tile of the dQ loop."""
+    lines = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
+    guard = "k_ok[:, None] & " if masked else ""
+    guard_v = "k_ok[:, None] & " if masked else ""
+    lines += [
+        f"k = tl.load(k_base + k_tok[:, None] * s_ks + offs_d[None, :],"
+        f" mask={guard}d_ok[None, :], other=0.0)",
+        f"v = tl.load(v_base + k_tok[:, None] * s_vs + offs_dv[None, :],"
+        f" mask={guard_v}dv_ok[None, :], other=0.0)",
+        "qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)",
+        "p = tl.math.exp2(qk * qk_scale - lse[:, None])",
+    ]
+    if masked:
+        lines += _to_2d("k", plan.kv_layout.ndim, "[None, :]")
+        lines += [f"p = tl.where(k_ok & ({mask_expr(plan.pattern)}), p, 0.0)"]
+    lines += [
+        "dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)",
+        "ds = p * (dp - delta[:, None])",
+        "dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)",
+    ]
+    return lines
+
+
+def _indent(lines: list[str], n: int) -> str:
+    return textwrap.indent("\n".join(lines), " " * n)
+
+
+def bwd_source(plan: TilePlan) -> str:
+    k_layout = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
+    q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
+    dkdv = _DKDV.format(
+        k_layout=_indent(k_layout, 4),
+        k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[:, None]"), 4),
+        body_full=_indent(_dkdv_body(plan, masked=False), 12),
+        body_part=_indent(_dkdv_body(plan, masked=True), 12),
+    )
+    dq = _DQ.format(
+        q_layout=_indent(q_layout, 4),
+        q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
+        offset=plan.kv_len - plan.q_len,
+        body_full=_indent(_dq_body(plan, masked=False), 8),
+        body_part=_indent(_dq_body(plan, masked=True), 8),
+    )
+    return _HEADER + dkdv + dq
+
+
+def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
+    # Five accumulating dots per step keep more live registers than the forward: 8 warps at
+    # 128-row tiles, 4 below.
+    return LaunchConfig(num_warps=8 if max(block_m, block_n) >= 128 else 4, num_stages=2)
+
+
+def attn_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attn_fwd's output; shapes and dtypes as q, k, v."""
+    check_tiles(plan)
+    b, h, _, d = q.shape
+    h_kv, dv_dim = k.shape[1], v.shape[3]
+    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    delta = (do.float() * out.float()).sum(-1)
+    lse = lse.contiguous()
+    module = load_source(kernel_name(plan, "bwd"), bwd_source(plan))
+    t = plan.device_tensors(q.device)
+    aux_pattern = needs_aux(plan.pattern)
+    if aux_pattern is not None:
+        n_blocks = -(-plan.kv_len // aux_pattern.block)
+        aux = aux_pattern.block_mask(n_blocks).to(torch.int8).to(q.device).contiguous()
+        aux_stride = aux.stride(0)
+    else:
+        aux, aux_stride = t["full_cnt"], 0
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    common = dict(
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim,
+        BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+        BLOCK_DV=max(16, 1 << (dv_dim - 1).bit_length()),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    cfg = bwd_config(block_m, block_n)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+               lse.stride(0), lse.stride(1))
+    module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
+        q, k, v, do, lse, delta, dk, dv,
+        t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux,
+        scale, aux_stride, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), b * h_kv,
+        H_KV=h_kv, GROUP=h // h_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
+        q, k, v, do, lse, delta, dq,
+        t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"], aux,
+        scale, aux_stride, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
+        H=h, GROUP=h // h_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    return dq, dk, dv

@@ -1,0 +1,120 @@
+"""sparse_attention: forward and gradients against the float64 reference, both implementations.
+
+The CPU path ("torch") runs in float64 and must agree to ~1e-12; the Triton kernels run under
+TRITON_INTERPRET=1 on a CPU machine (float32, "ieee" dots) and natively on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spcompile as sp
+from spcompile.attention import sparse_attention
+
+GPU = torch.cuda.is_available()
+
+CASES = {
+    "na2d-stride": (sp.Neighborhood(shape=(9, 10), window=(3, 5), stride=(1, 2)), 90, 90,
+                    (4, 4), (4, 4)),
+    "na3d-causal-dil": (sp.Neighborhood(shape=(4, 6, 5), window=(2, 3, 2), dilation=(1, 2, 1),
+                                        causal=(True, False, False)), 120, 120,
+                        (2, 2, 4), (2, 4, 2)),
+    "sliding-causal": (sp.Sliding(window=7, causal=True), 40, 40, (16,), (16,)),
+    "sliding-decode": (sp.Sliding(left=3, right=2), 24, 40, (16,), (16,)),
+    "blocked-causal": (sp.Blocked(block=12, causal=True), 50, 50, (16,), (16,)),
+    "strided-fixed": (sp.Strided(stride=8, variant="fixed", summary=2), 45, 45, (16,), (16,)),
+    "stripes": (sp.Sliding(left=3, right=3) | sp.Global(every=9, rows=False), 37, 37,
+                (16,), (16,)),
+    "longformer": (sp.BlockLayout(layout_kind="longformer", block=8, local=3,
+                                  global_indices=(2,)), 48, 48, (16,), (16,)),
+    "empty-rows": (sp.Global(indices=[20], causal=True), 40, 40, (16,), (16,)),
+    "dense": (sp.Dense(), 33, 33, (16,), (16,)),
+}
+
+
+def _inputs(sq, skv, dtype, device, seed, d=16, dv=16, h=4, h_kv=2):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=gen).to(device, dtype).requires_grad_()
+    return make(2, h, sq, d), make(2, h_kv, skv, d), make(2, h_kv, skv, dv), \
+        torch.randn(2, h, sq, dv, generator=gen).to(device, dtype)
+
+
+def _check(pattern, q, k, v, do, impl, tol, **tiles):
+    out, lse = sparse_attention(q, k, v, pattern, impl=impl, return_lse=True, **tiles)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = sp.reference_attention(qd, kd, vd, pattern, return_lse=True)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), do.double())
+    for name, got, want, scale in (("out", out, ref, v), ("dq", grads[0], ref_grads[0], q),
+                                   ("dk", grads[1], ref_grads[1], k),
+                                   ("dv", grads[2], ref_grads[2], v)):
+        assert not got.isnan().any(), f"{name} has NaN"
+        # Relative to the inputs' size: a gradient may be exactly 0 (one visible key).
+        err = float((got.detach().double() - want).norm() / scale.detach().double().norm())
+        assert err < tol, f"{name}: error {err:.2e} (tolerance {tol:.0e})"
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), empty.cpu())
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_path_matches_reference(case):
+    pattern, sq, skv, qt, kt = CASES[case]
+    q, k, v, do = _inputs(sq, skv, torch.float64, "cpu", seed=len(case))
+    _check(pattern, q, k, v, do, "torch", 1e-10, q_tile=qt, kv_tile=kt)
+
+
+TRITON_CASES = ["na3d-causal-dil", "sliding-decode", "stripes", "empty-rows"]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES if not GPU else list(CASES))
+def test_triton_matches_reference(case):
+    pattern, sq, skv, qt, kt = CASES[case]
+    device = "cuda" if GPU else "cpu"
+    q, k, v, do = _inputs(sq, skv, torch.float32, device, seed=len(case))
+    _check(pattern, q, k, v, do, "triton", 1e-4, q_tile=qt, kv_tile=kt)
+
+
+@pytest.mark.skipif(not GPU, reason="bf16 kernels need a GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_bf16_head_dims(case):
+    pattern, sq, skv, qt, kt = CASES[case]
+    for d in (32, 72, 128):
+        q, k, v, do = _inputs(sq, skv, torch.bfloat16, "cuda", seed=d, d=d, dv=d)
+        _check(pattern, q, k, v, do, "triton", 3e-2, q_tile=qt, kv_tile=kt)
+
+
+def test_per_head_mix_matches_reference():
+    pattern = sp.PerHead({range(0, 2): sp.Dense(), "2-": sp.Sliding(window=5, causal=True)})
+    q, k, v, do = _inputs(30, 30, torch.float64, "cpu", seed=3)
+    _check(pattern, q, k, v, do, "torch", 1e-10, q_tile=16, kv_tile=16)
+
+
+def test_per_head_split_gqa_group():
+    pattern = sp.PerHead({"0": sp.Dense(), "1-": sp.Sliding(window=5)})
+    q, k, v, do = _inputs(20, 20, torch.float64, "cpu", seed=4)
+    _check(pattern, q, k, v, do, "torch", 1e-10, q_tile=16, kv_tile=16)
+
+
+def test_compiles_without_graph_break():
+    pattern = sp.Sliding(window=7, causal=True)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern, q_tile=16, kv_tile=16),
+                       fullgraph=True, backend="eager")
+    q = torch.randn(1, 2, 40, 16)
+    out = fn(q, q, q)
+    assert float((out - sp.reference_attention(q, q, q, pattern)).abs().max()) < 1e-5
+    assert not counts["graph_break"]
+
+
+def test_bad_inputs_say_what_came():
+    q = torch.randn(1, 3, 8, 16)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        sparse_attention(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16),
+                         sp.Sliding(window=3))
+    with pytest.raises(ValueError, match="impl"):
+        sparse_attention(q, q, q, sp.Sliding(window=3), impl="cuda")
+    with pytest.raises(ValueError, match="holds 64 tokens"):
+        sparse_attention(q, q, q, sp.Neighborhood(shape=(8, 8), window=3))
