@@ -29,7 +29,7 @@ _HEADER = '''
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 '''
 
 _DKDV = '''
