@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import B, D, H, bench, sampled_error
 from suite import suite
 
+from spcompile.codegen.bwd import attn_bwd
 from spcompile.codegen.fwd import LaunchConfig, attn_fwd
 from spcompile.plan.choose import best_boxes
 from spcompile.plan.tiles import build_plan, grid_of
@@ -31,8 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="blk16k,sw32k,na2d31,na3d,hunyuan_gna")
     parser.add_argument("--out", default="")
+    parser.add_argument("--bwd", action="store_true", help="sweep the backward kernels")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
+    if args.bwd:
+        tune_bwd(rows, args.out)
+        return
     sizes = [(128, 128), (128, 64), (64, 64)]
     configs = [LaunchConfig(w, s) for w, s in itertools.product((4, 8), (2, 3, 4))]
     results = []
@@ -62,6 +67,42 @@ def main() -> None:
         print("BEST", json.dumps(best), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def tune_bwd(rows, out_path: str) -> None:
+    """Backward configs at the forward's default tiles: SDPA fwd+bwd over ours, same run."""
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+        def sdpa_fb(qg=qg, kg=kg, vg=vg, do=do):
+            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
+
+        sdpa = bench(sdpa_fb)
+        plan = build_plan(row.pattern, s, s)
+        out, lse = attn_fwd(q, k, v, plan)
+        fwd_ms = bench(lambda q=q, k=k, v=v, p=plan: attn_fwd(q, k, v, p))
+        for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+            cfg = LaunchConfig(warps, stages)
+            try:
+                attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
+                ms = bench(lambda c=cfg, p=plan, o=out, lz=lse, q=q, k=k, v=v, do=do:
+                           attn_bwd(do, q, k, v, o, lz, p, config=c))
+            except Exception as e:
+                print(row.id, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
+                continue
+            res = {"id": row.id, "warps": warps, "stages": stages, "bwd_ms": ms,
+                   "fwd_ms": fwd_ms, "fb_speedup": sdpa / (fwd_ms + ms),
+                   "q": plan.q_tile, "kv": plan.kv_tile}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        best = max((r for r in results if r["id"] == row.id), key=lambda r: r["fb_speedup"])
+        print("BEST", json.dumps(best), flush=True)
+    if out_path:
+        Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,9 @@ from .plan.tiles import TilePlan, build_plan
 from .spec.patterns import Pattern, pattern_from_dict
 
 
-@torch._dynamo.assume_constant_result
 def pattern_key(pattern: Pattern) -> str:
-    """Canonical JSON of a pattern: equal patterns give equal keys.
-
-    A constant for dynamo (patterns are frozen), so ``sparse_attention`` inside a compiled
-    function traces to one op call with a string argument and no graph break.
-    """
-    return json.dumps(pattern.to_dict(), sort_keys=True, separators=(",", ":"))
+    """Canonical JSON of a pattern (computed at construction; see ``Pattern.key``)."""
+    return pattern.key
 
 
 @functools.lru_cache(maxsize=512)

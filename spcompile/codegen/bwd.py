@@ -229,7 +229,7 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
 
 def attn_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
-    scale: float | None = None,
+    scale: float | None = None, config: LaunchConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attn_fwd's output; shapes and dtypes as q, k, v."""
     check_tiles(plan)
@@ -259,7 +259,7 @@ def attn_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    cfg = bwd_config(block_m, block_n)
+    cfg = config or bwd_config(block_m, block_n)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                lse.stride(0), lse.stride(1))

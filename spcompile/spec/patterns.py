@@ -15,6 +15,7 @@ spec files carry; each class has a ``version`` so that the tree can evolve.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,27 @@ class Pattern:
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError if the pattern cannot apply to these sequence lengths."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+        self._seal()
+
+    def _validate(self) -> None:
+        """Check and normalize the arguments (each dataclass pattern overrides this)."""
+
+    def _seal(self) -> None:
+        """Cache the canonical key; every constructor ends with this.
+
+        Computed eagerly so that code traced by dynamo only reads a string attribute of a
+        constant (torch 2.11's dynamo cannot pass frozen dataclasses to helper calls).
+        """
+        key = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "_key", key)
+
+    @property
+    def key(self) -> str:
+        """Canonical JSON of the pattern's spec tree: equal patterns have equal keys."""
+        return self._key  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any] | str:
         values = {}
@@ -122,7 +144,7 @@ class Sliding(Pattern):
     right: int | None = None
     causal: bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "Sliding"
         as_bool(owner, "causal", self.causal)
         if self.window is None and self.left is None and self.right is None:
@@ -204,7 +226,7 @@ class Neighborhood(Pattern):
     dilation: tuple[int, ...] | int = 1
     causal: tuple[bool, ...] | bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "Neighborhood"
         if isinstance(self.shape, int) and not isinstance(self.shape, bool):
             object.__setattr__(self, "shape", (self.shape,))
@@ -302,7 +324,7 @@ class Strided(Pattern):
     summary: int = 1
     causal: bool = True
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "Strided"
         one_of(owner, "variant", self.variant, ("strided", "fixed"))
         as_int(owner, "local", self.local, minimum=0)
@@ -340,7 +362,7 @@ class Blocked(Pattern):
     block: int = 1
     causal: bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         as_int("Blocked", "block", self.block, minimum=1)
         as_bool("Blocked", "causal", self.causal)
 
@@ -370,7 +392,7 @@ class Global(Pattern):
     rows: bool = False
     causal: bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "Global"
         as_int(owner, "first", self.first, minimum=0)
         as_int(owner, "every", self.every, minimum=0)
@@ -443,7 +465,7 @@ class BlockLayout(Pattern):
     layout: tuple[tuple[int, ...], ...] | None = None
     causal: bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "BlockLayout"
         one_of(owner, "kind", self.layout_kind, LAYOUT_KINDS)
         as_int(owner, "block", self.block, minimum=1)
@@ -569,7 +591,7 @@ class TopK(Pattern):
     causal: bool = False
     share_gqa: bool = False
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         owner = "TopK"
         as_int(owner, "block", self.block, minimum=1)
         as_int(owner, "sink", self.sink, minimum=0)
@@ -626,6 +648,7 @@ class AnyOf(Pattern):
             raise ValueError("AnyOf: expected at least one pattern")
         object.__setattr__(self, "patterns", tuple(flat))
         object.__setattr__(self, "causal", as_bool("AnyOf", "causal", causal))
+        self._seal()
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         for p in self.patterns:
@@ -710,6 +733,7 @@ class PerHead(Pattern):
             groups.append((selector if not isinstance(selector, list) else tuple(selector),
                            pattern))
         object.__setattr__(self, "groups", tuple(groups))
+        self._seal()
 
     def resolve(self, num_heads: int) -> tuple[Pattern, ...]:
         """One pattern per head; every head covered exactly once."""
