@@ -222,8 +222,12 @@ def bwd_source(plan: TilePlan) -> str:
 
 
 def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
-    # Five accumulating dots per step keep more live registers than the forward: 8 warps at
-    # 128-row tiles, 4 below.
+    """From the H100 sweep (benchmarks/data/2026-11-23-h100-tune-bwd.json): five dots per
+    step want 8 warps; 128x64 tiles pipeline 2 deep (blk16k bwd 2.93 ms vs 3.34 at 1 stage),
+    128x128 boxes only 1 deep (na2d31 4.71 ms vs 5.96 at 2; 3 stages overflow shared memory).
+    """
+    if block_m >= 128 and block_n >= 128:
+        return LaunchConfig(num_warps=8, num_stages=1)
     return LaunchConfig(num_warps=8 if max(block_m, block_n) >= 128 else 4, num_stages=2)
 
 
