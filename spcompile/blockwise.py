@@ -9,11 +9,51 @@ out-of-place ops so autograd differentiates it (the CPU backward).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .plan.tiles import TilePlan
+
+MaskFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def kv_tokens(plan: TilePlan, device: torch.device) -> Tensor:
+    """Key positions of every KV tile: the layout's tiles, then the gather segment's."""
+    tokens = plan.kv_layout.token_index()
+    if plan.gather is not None:
+        tokens = torch.cat([tokens, plan.gather.tokens.long()])
+    return tokens.to(device)
+
+
+Visit = tuple[Tensor, Tensor, MaskFn | None]
+
+
+def visit_passes(plan: TilePlan, device: torch.device) -> list[Visit]:
+    """(tile ids [nq, W], counts [nq], mask or None) for FULL, PARTIAL and gathered visits.
+
+    A mask takes query positions [nq, Tq, 1] and key positions [nq, 1, Tk] (both >= 0).
+    """
+    q_len, kv_len = plan.q_len, plan.kv_len
+    lp = plan.list_pattern
+    assert lp is not None
+    out: list[Visit] = [
+        (plan.full_idx, plan.full_cnt, None),
+        (plan.part_idx, plan.part_cnt, lambda qi, kj: lp.allowed(qi, kj, q_len, kv_len)),
+    ]
+    if plan.gather is not None:
+        g = plan.gather
+        n_g, nq = g.num_tiles, plan.num_q_tiles
+        idx = (plan.num_kv_tiles + torch.arange(n_g, dtype=torch.int32))[None].expand(nq, n_g)
+        cnt = torch.full((nq,), n_g, dtype=torch.int32)
+
+        def gathered(qi: Tensor, kj: Tensor) -> Tensor:
+            keep = ~g.exclude.allowed(qi, kj, q_len, kv_len)
+            return keep & (kj <= qi + (kv_len - q_len)) if g.causal else keep
+
+        out.append((idx.contiguous(), cnt, gathered))
+    return [(i.to(device).long(), c.to(device), m) for i, c, m in out]
 
 
 def _gather_tiles(x: Tensor, tokens: Tensor, n_tiles: int) -> Tensor:
@@ -32,9 +72,9 @@ def blockwise_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_tok = plan.q_layout.token_index().to(q.device)
-    k_tok = plan.kv_layout.token_index().to(q.device)
-    nq, nk = plan.num_q_tiles, plan.num_kv_tiles
-    tq, tk = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    k_tok = kv_tokens(plan, q.device)
+    nq, tq, tk = plan.num_q_tiles, plan.q_layout.tile_size, plan.kv_layout.tile_size
+    nk = k_tok.numel() // tk
     # [B, H_kv, G, nq, Tq, D]: the GQA group shares each K/V tile.
     qt = _gather_tiles(q.to(acc_dtype), q_tok, nq).view(b, h_kv, group, nq, tq, d)
     kt = _gather_tiles(k.to(acc_dtype), k_tok, nk)
@@ -44,21 +84,16 @@ def blockwise_attention(
     m = torch.full((b, h_kv, group, nq, tq), float("-inf"), dtype=acc_dtype, device=q.device)
     denom = torch.zeros_like(m)
     acc = torch.zeros(b, h_kv, group, nq, tq, v.shape[-1], dtype=acc_dtype, device=q.device)
-    for idx, cnt, masked in ((plan.full_idx, plan.full_cnt, False),
-                             (plan.part_idx, plan.part_cnt, True)):
-        idx, cnt = idx.to(q.device).long(), cnt.to(q.device)
+    for idx, cnt, mask in visit_passes(plan, q.device):
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
             active = slot < cnt  # [nq]
             tiles = idx[:, slot]
             ks, vs = kt[:, :, tiles], vt[:, :, tiles]  # [B, H_kv, nq, Tk, D]
             s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
             keep = active[:, None, None].expand(nq, tq, tk)
-            if masked:
+            if mask is not None:
                 kj = k_tiles[tiles]  # [nq, Tk]
-                qi = q_tiles
-                allowed = plan.pattern.allowed(qi.clamp_min(0)[:, :, None],
-                                               kj.clamp_min(0)[:, None, :],
-                                               plan.q_len, plan.kv_len)
+                allowed = mask(q_tiles.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
                 keep = keep & allowed & (kj >= 0)[:, None, :]
             s = s.masked_fill(~keep, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
@@ -95,9 +130,9 @@ def blockwise_attention_backward(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_tok = plan.q_layout.token_index().to(q.device)
-    k_tok = plan.kv_layout.token_index().to(q.device)
-    nq, nk = plan.num_q_tiles, plan.num_kv_tiles
-    tq, tk = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    k_tok = kv_tokens(plan, q.device)
+    nq, tq, tk = plan.num_q_tiles, plan.q_layout.tile_size, plan.kv_layout.tile_size
+    nk = k_tok.numel() // tk
 
     def rows(x: Tensor) -> Tensor:  # [B, H, S, X] -> [B, H_kv, G, nq, Tq, X]
         return _gather_tiles(x.to(acc_dtype), q_tok, nq).view(b, h_kv, group, nq, tq, -1)
@@ -114,20 +149,16 @@ def blockwise_attention_backward(
     dv_t = torch.zeros_like(vt)
     q_tiles, k_tiles = q_tok.view(nq, tq), k_tok.view(nk, tk)
     q_valid = (q_tiles >= 0)[:, :, None]
-    for idx, cnt, masked in ((plan.full_idx, plan.full_cnt, False),
-                             (plan.part_idx, plan.part_cnt, True)):
-        idx, cnt = idx.to(q.device).long(), cnt.to(q.device)
+    for idx, cnt, mask in visit_passes(plan, q.device):
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
             active = slot < cnt
             tiles = idx[:, slot]
             ks, vs = kt[:, :, tiles], vt[:, :, tiles]
             s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
             keep = active[:, None, None] & q_valid
-            if masked:
+            if mask is not None:
                 kj = k_tiles[tiles]
-                allowed = plan.pattern.allowed(q_tiles.clamp_min(0)[:, :, None],
-                                               kj.clamp_min(0)[:, None, :],
-                                               plan.q_len, plan.kv_len)
+                allowed = mask(q_tiles.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
                 keep = keep & allowed & (kj >= 0)[:, None, :]
             p = torch.exp(s - lse_t[..., None]) * keep
             dp = torch.einsum("bhgqmd,bhqnd->bhgqmn", dot, vs)
@@ -140,10 +171,12 @@ def blockwise_attention_backward(
             dv_t.index_add_(2, tiles[use], dv_slot[:, :, use])
 
     def scatter(t: Tensor, tok: Tensor, length: int, heads: int) -> Tensor:
+        """Tile rows back to token rows; a key in the main tiles and in the gather segment
+        gets both contributions."""
         flat = t.reshape(b, heads, -1, t.shape[-1])
         valid = (tok >= 0).nonzero().squeeze(1)
         outp = torch.zeros(b, heads, length, t.shape[-1], dtype=t.dtype, device=t.device)
-        return outp.index_copy(2, tok[valid], flat.index_select(2, valid))
+        return outp.index_add(2, tok[valid], flat.index_select(2, valid))
 
     dq = scatter(dq_t, q_tok, sq, h).to(q.dtype)
     dk = scatter(dk_t, k_tok, k.shape[2], h_kv).to(k.dtype)

@@ -29,6 +29,12 @@ CASES = {
     "longformer": (sp.BlockLayout(layout_kind="longformer", block=8, local=3,
                                   global_indices=(2,)), 48, 48, (16,), (16,)),
     "empty-rows": (sp.Global(indices=[20], causal=True), 40, 40, (16,), (16,)),
+    # every 13th key: 8 gathered keys fill one tile; the stripes touch all 7 KV tiles
+    "stripes-gathered": (sp.Sliding(left=5, right=5) | sp.Global(every=13), 100, 100,
+                         (16,), (16,)),
+    "stripes-gathered-causal": (sp.AnyOf(sp.Sliding(window=9, causal=True),
+                                         sp.Global(every=11, first=2), causal=True), 90, 90,
+                                (16,), (16,)),
     "dense": (sp.Dense(), 33, 33, (16,), (16,)),
 }
 
@@ -65,7 +71,8 @@ def test_torch_path_matches_reference(case):
     _check(pattern, q, k, v, do, "torch", 1e-10, q_tile=qt, kv_tile=kt)
 
 
-TRITON_CASES = ["na3d-causal-dil", "sliding-decode", "stripes", "empty-rows"]
+TRITON_CASES = ["na3d-causal-dil", "sliding-decode", "stripes-gathered",
+                "stripes-gathered-causal", "empty-rows"]
 
 
 @pytest.mark.parametrize("case", TRITON_CASES if not GPU else list(CASES))
@@ -83,6 +90,16 @@ def test_triton_bf16_head_dims(case):
     for d in (32, 72, 128):
         q, k, v, do = _inputs(sq, skv, torch.bfloat16, "cuda", seed=d, d=d, dv=d)
         _check(pattern, q, k, v, do, "triton", 3e-2, q_tile=qt, kv_tile=kt)
+
+
+def test_stripes_are_gathered():
+    """The stripes cases must take the gather path, or they test nothing new."""
+    from spcompile.plan.tiles import build_plan
+
+    for case in ("stripes-gathered", "stripes-gathered-causal"):
+        pattern, sq, skv, qt, kt = CASES[case]
+        plan = build_plan(pattern, sq, skv, qt, kt)
+        assert plan.gather is not None and plan.gather.num_tiles == 1, case
 
 
 def test_per_head_mix_matches_reference():

@@ -22,8 +22,16 @@ from torch import Tensor
 
 from ..plan.tiles import TilePlan
 from .cache import load_source
-from .emit import layout_code, mask_expr, needs_aux
-from .fwd import LaunchConfig, _to_2d, check_tiles, kernel_name
+from .emit import layout_code, needs_aux
+from .fwd import (
+    LaunchConfig,
+    _to_2d,
+    check_tiles,
+    fwd_loops,
+    kernel_name,
+    kv_source_lines,
+    step_mask,
+)
 
 _HEADER = '''
 import triton
@@ -35,13 +43,13 @@ LOG2E = tl.constexpr(1.4426950408889634)
 _DKDV = '''
 
 @triton.jit
-def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX,
+def {name}(
+    Q, K, V, DO, LSE, DELTA, DK, DV, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER,
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dkb, s_dkh, s_dks, s_dvb, s_dvh, s_dvs,
     full_stride, part_stride, BHK,
-    H_KV: tl.constexpr, GROUP: tl.constexpr,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, N_Q_TILES: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -49,6 +57,7 @@ def attn_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     kv_tile = pid // BHK
     bhk = pid % BHK
+    it = kv_tile
     b = bhk // H_KV
     hk = bhk % H_KV
     offs_m = tl.arange(0, BLOCK_M)
@@ -68,23 +77,16 @@ def attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale = sm_scale * LOG2E
-    n_full = tl.load(FULL_CNT + kv_tile)
-    n_part = tl.load(PART_CNT + kv_tile)
     for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
         do_base = DO + b.to(tl.int64) * s_dob + h.to(tl.int64) * s_doh
         l_base = b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh
-        for it in range(n_full):
-            tile = tl.load(FULL_IDX + kv_tile * full_stride + it)
-{body_full}
-        for it in range(n_part):
-            tile = tl.load(PART_IDX + kv_tile * part_stride + it)
-{body_part}
-    tl.store(DK + b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh + k_col[:, None] * s_dks
+{loops}
+    tl.store(DK + b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh + {store_row}[:, None] * s_dks
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=k_col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b.to(tl.int64) * s_dvb + hk.to(tl.int64) * s_dvh + k_col[:, None] * s_dvs
+    tl.store(DV + b.to(tl.int64) * s_dvb + hk.to(tl.int64) * s_dvh + {store_row}[:, None] * s_dvs
              + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=k_col_ok[:, None] & dv_ok[None, :])
 '''
@@ -93,7 +95,7 @@ _DQ = '''
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX,
+    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER,
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dqb, s_dqh, s_dqs,
@@ -132,21 +134,18 @@ def attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
-    n_full = tl.load(FULL_CNT + tile)
-    for it in range(n_full):
-        kv_tile = tl.load(FULL_IDX + tile * full_stride + it)
-{body_full}
-    n_part = tl.load(PART_CNT + tile)
-    for it in range(n_part):
-        kv_tile = tl.load(PART_IDX + tile * part_stride + it)
-{body_part}
+{loops}
     tl.store(DQ + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + q_tok * s_dqs
              + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok & d_ok[None, :])
 '''
 
 
-def _dkdv_body(plan: TilePlan, masked: bool) -> list[str]:
-    """One visited Q tile of the dK/dV loop, in the transposed [N, M] orientation."""
+def _dkdv_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
+    """One visiting Q tile (id ``tile``) of the dK/dV loop, in the transposed [N, M] orientation.
+
+    ``source`` says where this program's KV tile came from, which decides its mask.
+    """
+    mask = step_mask(plan, source, masked)
     lines = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     lines += [
         "q_row = q_tok",
@@ -161,10 +160,10 @@ def _dkdv_body(plan: TilePlan, masked: bool) -> list[str]:
         "qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)",
         "pT = tl.math.exp2(qkT * qk_scale - lse[None, :])",
     ]
-    if masked:
+    if mask is not None:
         lines += _to_2d("q", plan.q_layout.ndim, "[None, :]")
         lines += [f"qpos = q_tok + {plan.kv_len - plan.q_len}",
-                  f"pT = tl.where(k_ok & q_ok & ({mask_expr(plan.pattern)}), pT, 0.0)"]
+                  f"pT = tl.where(k_ok & q_ok & {mask}, pT, 0.0)"]
     lines += [
         "dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)",
         "dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)",
@@ -174,22 +173,38 @@ def _dkdv_body(plan: TilePlan, masked: bool) -> list[str]:
     return lines
 
 
-def _dq_body(plan: TilePlan, masked: bool) -> list[str]:
+def _dkdv_loops(plan: TilePlan, source: str) -> str:
+    if source == "gather":  # gathered keys: every Q tile, masked
+        step = _dkdv_step(plan, source, True)
+        body = ["for tile in range(N_Q_TILES):", *("    " + x for x in step)]
+    else:
+        body = [
+            "for it2 in range(tl.load(FULL_CNT + kv_tile)):",
+            "    tile = tl.load(FULL_IDX + kv_tile * full_stride + it2)",
+            *("    " + x for x in _dkdv_step(plan, source, False)),
+            "for it2 in range(tl.load(PART_CNT + kv_tile)):",
+            "    tile = tl.load(PART_IDX + kv_tile * part_stride + it2)",
+            *("    " + x for x in _dkdv_step(plan, source, True)),
+        ]
+    return _indent(body, 8)
+
+
+def _dq_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
     """One visited KV tile of the dQ loop."""
-    lines = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
-    guard = "k_ok[:, None] & " if masked else ""
-    guard_v = "k_ok[:, None] & " if masked else ""
+    mask = step_mask(plan, source, masked)
+    guard = "k_ok[:, None] & " if mask is not None else ""
+    lines = kv_source_lines(plan, source)
     lines += [
         f"k = tl.load(k_base + k_tok[:, None] * s_ks + offs_d[None, :],"
         f" mask={guard}d_ok[None, :], other=0.0)",
         f"v = tl.load(v_base + k_tok[:, None] * s_vs + offs_dv[None, :],"
-        f" mask={guard_v}dv_ok[None, :], other=0.0)",
+        f" mask={guard}dv_ok[None, :], other=0.0)",
         "qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)",
         "p = tl.math.exp2(qk * qk_scale - lse[:, None])",
     ]
-    if masked:
+    if mask is not None:
         lines += _to_2d("k", plan.kv_layout.ndim, "[None, :]")
-        lines += [f"p = tl.where(k_ok & ({mask_expr(plan.pattern)}), p, 0.0)"]
+        lines += [f"p = tl.where(k_ok & {mask}, p, 0.0)"]
     lines += [
         "dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)",
         "ds = p * (dp - delta[:, None])",
@@ -202,23 +217,30 @@ def _indent(lines: list[str], n: int) -> str:
     return textwrap.indent("\n".join(lines), " " * n)
 
 
-def bwd_source(plan: TilePlan) -> str:
-    k_layout = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
-    q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
-    dkdv = _DKDV.format(
-        k_layout=_indent(k_layout, 4),
+def _dkdv_source(plan: TilePlan, source: str, name: str) -> str:
+    # Gathered programs write their own buffer, row = slot in the gather segment.
+    store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
+    return _DKDV.format(
+        name=name,
+        store_row=store_row,
+        k_layout=_indent(kv_source_lines(plan, source), 4),
         k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[:, None]"), 4),
-        body_full=_indent(_dkdv_body(plan, masked=False), 12),
-        body_part=_indent(_dkdv_body(plan, masked=True), 12),
+        loops=_dkdv_loops(plan, source),
     )
+
+
+def bwd_source(plan: TilePlan) -> str:
+    q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
-        body_full=_indent(_dq_body(plan, masked=False), 8),
-        body_part=_indent(_dq_body(plan, masked=True), 8),
+        loops=fwd_loops(plan, _dq_step),
     )
-    return _HEADER + dkdv + dq
+    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel") + dq
+    if plan.gather is not None:
+        out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel")
+    return out
 
 
 def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
@@ -267,18 +289,41 @@ def attn_bwd(
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                lse.stride(0), lse.stride(1))
+    gather = t.get("gather", t["full_cnt"])
+    dkdv_args = (scale, aux_stride, *strides,
+                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2))
     module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
         q, k, v, do, lse, delta, dk, dv,
-        t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux,
-        scale, aux_stride, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), b * h_kv,
-        H_KV=h_kv, GROUP=h // h_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux, gather,
+        *dkdv_args, t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), b * h_kv,
+        H_KV=h_kv, GROUP=h // h_kv, N_Q_TILES=plan.num_q_tiles,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
+    if plan.gather is not None:
+        # Gathered keys also appear in the regular tiles; their programs write an fp32 buffer by
+        # gather slot, added into dK/dV at the key positions (unique indices: deterministic).
+        n_slots = plan.gather.tokens.numel()
+        dk_g = torch.zeros(b, h_kv, n_slots, d, dtype=torch.float32, device=k.device)
+        dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
+        module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
+            q, k, v, do, lse, delta, dk_g, dv_g,
+            t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux, gather,
+            scale, aux_stride, *strides,
+            dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
+            dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
+            0, 0, b * h_kv,
+            H_KV=h_kv, GROUP=h // h_kv, N_Q_TILES=plan.num_q_tiles,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+        slots = (plan.gather.tokens >= 0).nonzero().squeeze(1).to(k.device)
+        keys = gather.long()[slots]
+        dk.index_copy_(2, keys, (dk.index_select(2, keys).float()
+                                 + dk_g.index_select(2, slots)).to(dk.dtype))
+        dv.index_copy_(2, keys, (dv.index_select(2, keys).float()
+                                 + dv_g.index_select(2, slots)).to(dv.dtype))
     module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
         q, k, v, do, lse, delta, dq,
-        t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"], aux,
+        t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"], aux, gather,
         scale, aux_stride, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
         t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,

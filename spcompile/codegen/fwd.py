@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ import triton.language as tl
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX,
+    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER,
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
     full_stride, part_stride, BH,
@@ -73,45 +74,7 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
-    # FULL tiles: every (query, key) pair allowed, no padding: no mask arithmetic.
-    n_full = tl.load(FULL_CNT + tile)
-    for it in range(n_full):
-        kv_tile = tl.load(FULL_IDX + tile * full_stride + it)
-{k_layout_full}
-        k = tl.load(k_base + k_tok[:, None] * s_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_tok[:, None] * s_vs + offs_dv[None, :], mask=dv_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
-
-    # PARTIAL tiles: the pattern's mask, element by element.
-    n_part = tl.load(PART_CNT + tile)
-    for it in range(n_part):
-        kv_tile = tl.load(PART_IDX + tile * part_stride + it)
-{k_layout_part}
-        k_col = k_tok
-        k_col_ok = k_ok
-        k = tl.load(k_base + k_col[:, None] * s_ks + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-{k_2d}
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        keep = k_ok & ({mask})
-        qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_col[:, None] * s_vs + offs_dv[None, :],
-                    mask=k_col_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
-
+{loops}
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os + offs_dv[None, :],
@@ -136,18 +99,97 @@ def kernel_name(plan: TilePlan, kind: str) -> str:
     return f"{kind}-{plan.pattern.kind}-{grid}-{tiles}"
 
 
+def kv_source_lines(plan: TilePlan, source: str) -> list[str]:
+    """Lines defining k_tok, k_ok and kx* for the KV tile of this step.
+
+    ``source`` is "tile" (tile id ``kv_tile`` of the layout) or "gather" (the ``it``-th tile of
+    the plan's gather segment: explicit token positions, coordinates recovered from them).
+    """
+    if source == "tile":
+        return layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
+    grid = plan.kv_layout.grid
+    lines = ["k_tok = tl.load(GATHER + it * BLOCK_N + offs_n)", "k_ok = k_tok >= 0"]
+    for a in range(len(grid)):
+        inner = math.prod(grid[a + 1 :])
+        lines.append(f"kx{a} = (k_tok // {inner}) % {grid[a]}")
+    return lines
+
+
+def step_mask(plan: TilePlan, source: str, masked: bool) -> str | None:
+    """The mask of one step: None for FULL tiles, the list pattern's for PARTIAL ones, and for
+    gathered keys "not already counted by the lists" (plus causality)."""
+    if source == "gather":
+        assert plan.gather is not None
+        expr = f"(({mask_expr(plan.gather.exclude)}) == 0)"
+        return f"{expr} & (k_tok <= qpos)" if plan.gather.causal else expr
+    assert plan.list_pattern is not None
+    return f"({mask_expr(plan.list_pattern)})" if masked else None
+
+
+def _fwd_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
+    """One KV tile of the online softmax; ``masked`` adds the pattern and padding guards."""
+    mask = step_mask(plan, source, masked)
+    lines = kv_source_lines(plan, source)
+    row_ok = "k_col_ok[:, None] & " if mask is not None else ""
+    lines += [
+        "k_col = k_tok",
+        "k_col_ok = k_ok",
+        f"k = tl.load(k_base + k_col[:, None] * s_ks + offs_d[None, :], mask={row_ok}d_ok[None, :],"
+        " other=0.0)",
+        f"v = tl.load(v_base + k_col[:, None] * s_vs + offs_dv[None, :],"
+        f" mask={row_ok}dv_ok[None, :], other=0.0)",
+        "qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)",
+    ]
+    if mask is None:
+        lines += [
+            "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
+            "p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element",
+            "alpha = tl.math.exp2(m_i - m_new)",
+        ]
+    else:
+        lines += _to_2d("k", plan.kv_layout.ndim, "[None, :]")
+        lines += [
+            f"qk = tl.where(k_ok & {mask}, qk, float('-inf'))",
+            "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
+            "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no key yet",
+            "p = tl.math.exp2(qk * qk_scale - m_use[:, None])",
+            "alpha = tl.math.exp2(m_i - m_use)",
+        ]
+    lines += [
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)",
+        "m_i = m_new",
+    ]
+    return lines
+
+
+def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
+              tile: str = "tile") -> str:
+    """The visiting loops over the plan: FULL list, PARTIAL list, then the gather segment."""
+    out = [
+        f"n_full = tl.load(FULL_CNT + {tile})",
+        "for it in range(n_full):",
+        f"    kv_tile = tl.load(FULL_IDX + {tile} * full_stride + it)",
+        *("    " + x for x in step(plan, "tile", False)),
+        f"n_part = tl.load(PART_CNT + {tile})",
+        "for it in range(n_part):",
+        f"    kv_tile = tl.load(PART_IDX + {tile} * part_stride + it)",
+        *("    " + x for x in step(plan, "tile", True)),
+    ]
+    if plan.gather is not None:
+        out += [f"for it in range({plan.gather.num_tiles}):",
+                *("    " + x for x in step(plan, "gather", True))]
+    return _indent(out, 4)
+
+
 def fwd_source(plan: TilePlan) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined)."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
-    k_layout = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "")
     return _TEMPLATE.format(
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
-        k_layout_full=_indent(k_layout, 8),
-        k_layout_part=_indent(k_layout, 8),
-        k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[None, :]"), 8),
-        mask=mask_expr(plan.pattern),
+        loops=fwd_loops(plan, _fwd_step),
     )
 
 
@@ -214,7 +256,7 @@ def attn_fwd(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     module.attn_fwd_kernel[grid](
         q, k, v, out, lse, t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"],
-        t["schedule"], aux, scale, aux_stride,
+        t["schedule"], aux, t.get("gather", t["full_cnt"]), scale, aux_stride,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),

@@ -25,6 +25,7 @@ from ..spec.patterns import (
     AnyOf,
     Blocked,
     Dense,
+    Global,
     Neighborhood,
     Pattern,
     PerHead,
@@ -77,6 +78,27 @@ def _lists(states: Tensor, value: int) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
+class GatherSegment:
+    """Global key columns gathered into KV tiles of their own (a key permutation).
+
+    Sparse stripes (every 64th key) touch every KV tile of the sequence, making each one
+    PARTIAL. Gathered, they fill a handful of tiles that every Q tile visits after its main
+    lists. The union is split into disjoint parts so each allowed pair is counted once: the main
+    lists apply ``TilePlan.list_pattern``; a gathered key j counts for query i only where
+    ``exclude`` does NOT allow (i, j) (and j <= i + offset when ``causal``).
+    """
+
+    tokens: Tensor  # int32 [num_tiles * kv tile size]: ascending key positions, -1 padding
+    exclude: Pattern
+    causal: bool
+    tile_size: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tokens.numel() // self.tile_size
+
+
+@dataclass(frozen=True, eq=False)
 class TilePlan:
     """Which KV tiles each Q tile visits, full or partial. See the module docstring."""
 
@@ -87,6 +109,10 @@ class TilePlan:
     kv_layout: TokenLayout
     states: Tensor  # int8 [n_q_tiles, n_kv_tiles]: EMPTY / PARTIAL / FULL
     exact_by_mask: bool  # states came from the per-pair mask (slow path)
+    #: The mask of the main lists' partial tiles: ``pattern`` unless a gather segment took part
+    #: of a union away.
+    list_pattern: Pattern | None = None
+    gather: GatherSegment | None = None
     full_idx: Tensor = field(init=False)
     full_cnt: Tensor = field(init=False)
     part_idx: Tensor = field(init=False)
@@ -94,6 +120,8 @@ class TilePlan:
     schedule: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.list_pattern is None:
+            object.__setattr__(self, "list_pattern", self.pattern)
         full_idx, full_cnt = _lists(self.states, FULL)
         part_idx, part_cnt = _lists(self.states, PARTIAL)
         work = (full_cnt + part_cnt).to(torch.long)
@@ -130,8 +158,13 @@ class TilePlan:
         return int(self.full_cnt.sum())
 
     @property
+    def num_gathered(self) -> int:
+        """Visits of gathered tiles (every Q tile visits every one, masked)."""
+        return self.num_q_tiles * self.gather.num_tiles if self.gather is not None else 0
+
+    @property
     def num_partial(self) -> int:
-        return int(self.part_cnt.sum())
+        return int(self.part_cnt.sum()) + self.num_gathered
 
     @property
     def num_visited(self) -> int:
@@ -164,6 +197,8 @@ def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
     t_full_idx, t_full_cnt, t_part_idx, t_part_cnt = plan.transposed()
     out.update(t_full_idx=t_full_idx.to(device), t_full_cnt=t_full_cnt.to(device),
                t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device))
+    if plan.gather is not None:
+        out["gather"] = plan.gather.tokens.to(device)
     return out
 
 
@@ -206,9 +241,39 @@ def _build_plan(
     pattern: Pattern, q_len: int, kv_len: int, q_tile: TileShape, kv_tile: TileShape
 ) -> TilePlan:
     q_layout, kv_layout = layouts_for(pattern, q_len, kv_len, q_tile, kv_tile)
-    states = tile_states(pattern, q_layout, kv_layout, kv_len - q_len)
+    split = _split_gather(pattern, kv_layout)
+    list_pattern, gather = split if split is not None else (pattern, None)
+    states = tile_states(list_pattern, q_layout, kv_layout, kv_len - q_len)
     return TilePlan(pattern, q_len, kv_len, q_layout, kv_layout, states,
-                    exact_by_mask=not has_rule(pattern))
+                    exact_by_mask=not has_rule(list_pattern), list_pattern=list_pattern,
+                    gather=gather)
+
+
+def _split_gather(pattern: Pattern, kv: TokenLayout) -> tuple[Pattern, GatherSegment] | None:
+    """Take a union's global key columns into a gather segment when that visits fewer tiles.
+
+    Applies to ``AnyOf`` with one ``Global`` member of columns only: the gathered tiles replace
+    every KV tile the columns touch (each becomes partial otherwise).
+    """
+    if not isinstance(pattern, AnyOf) or len(pattern.patterns) < 2:
+        return None
+    members = [m for m in pattern.patterns if isinstance(m, Global) and m.columns and not m.rows]
+    if len(members) != 1:
+        return None
+    glob = members[0]
+    keys = glob.is_global(torch.arange(kv.num_tokens)).nonzero().squeeze(1)
+    size = kv.tile_size
+    n_tiles = -(-keys.numel() // size)
+    tokens = kv.token_index().view(kv.num_tiles, size)
+    touched = int(glob.is_global(tokens.clamp_min(0)).logical_and(tokens >= 0).any(1).sum())
+    if n_tiles == 0 or 2 * n_tiles > touched:
+        return None
+    rest = tuple(m for m in pattern.patterns if m is not glob)
+    list_pattern = rest[0] if len(rest) == 1 and not pattern.causal else AnyOf(
+        *rest, causal=pattern.causal)
+    padded = torch.full((n_tiles * size,), -1, dtype=torch.int32)
+    padded[: keys.numel()] = keys.to(torch.int32)
+    return list_pattern, GatherSegment(padded, list_pattern, glob.causal or pattern.causal, size)
 
 
 # ---------------------------------------------------------------------------------------------
