@@ -9,51 +9,11 @@ out-of-place ops so autograd differentiates it (the CPU backward).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .plan.tiles import TilePlan
-
-MaskFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def kv_tokens(plan: TilePlan, device: torch.device) -> Tensor:
-    """Key positions of every KV tile: the layout's tiles, then the gather segment's."""
-    tokens = plan.kv_layout.token_index()
-    if plan.gather is not None:
-        tokens = torch.cat([tokens, plan.gather.tokens.long()])
-    return tokens.to(device)
-
-
-Visit = tuple[Tensor, Tensor, MaskFn | None]
-
-
-def visit_passes(plan: TilePlan, device: torch.device) -> list[Visit]:
-    """(tile ids [nq, W], counts [nq], mask or None) for FULL, PARTIAL and gathered visits.
-
-    A mask takes query positions [nq, Tq, 1] and key positions [nq, 1, Tk] (both >= 0).
-    """
-    q_len, kv_len = plan.q_len, plan.kv_len
-    lp = plan.list_pattern
-    assert lp is not None
-    out: list[Visit] = [
-        (plan.full_idx, plan.full_cnt, None),
-        (plan.part_idx, plan.part_cnt, lambda qi, kj: lp.allowed(qi, kj, q_len, kv_len)),
-    ]
-    if plan.gather is not None:
-        g = plan.gather
-        n_g, nq = g.num_tiles, plan.num_q_tiles
-        idx = (plan.num_kv_tiles + torch.arange(n_g, dtype=torch.int32))[None].expand(nq, n_g)
-        cnt = torch.full((nq,), n_g, dtype=torch.int32)
-
-        def gathered(qi: Tensor, kj: Tensor) -> Tensor:
-            keep = ~g.exclude.allowed(qi, kj, q_len, kv_len)
-            return keep & (kj <= qi + (kv_len - q_len)) if g.causal else keep
-
-        out.append((idx.contiguous(), cnt, gathered))
-    return [(i.to(device).long(), c.to(device), m) for i, c, m in out]
+from .plan.tiles import TilePlan, kv_tokens, visit_passes
 
 
 def _gather_tiles(x: Tensor, tokens: Tensor, n_tiles: int) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ from ..spec.patterns import (
     TopK,
 )
 from .layout import TokenLayout
-from .states import EMPTY, FULL, PARTIAL, has_rule, tile_states
+from .states import FULL, PARTIAL, has_rule, tile_states
 
 TileShape = tuple[int, ...]
 
@@ -277,6 +278,49 @@ def _split_gather(pattern: Pattern, kv: TokenLayout) -> tuple[Pattern, GatherSeg
 
 
 # ---------------------------------------------------------------------------------------------
+# Visiting a plan: the passes every consumer walks
+
+MaskFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def kv_tokens(plan: TilePlan, device: torch.device) -> Tensor:
+    """Key positions of every KV tile: the layout's tiles, then the gather segment's."""
+    tokens = plan.kv_layout.token_index()
+    if plan.gather is not None:
+        tokens = torch.cat([tokens, plan.gather.tokens.long()])
+    return tokens.to(device)
+
+
+Visit = tuple[Tensor, Tensor, MaskFn | None]
+
+
+def visit_passes(plan: TilePlan, device: torch.device) -> list[Visit]:
+    """(tile ids [nq, W], counts [nq], mask or None) for FULL, PARTIAL and gathered visits.
+
+    A mask takes query positions [nq, Tq, 1] and key positions [nq, 1, Tk] (both >= 0).
+    """
+    q_len, kv_len = plan.q_len, plan.kv_len
+    lp = plan.list_pattern
+    assert lp is not None
+    out: list[Visit] = [
+        (plan.full_idx, plan.full_cnt, None),
+        (plan.part_idx, plan.part_cnt, lambda qi, kj: lp.allowed(qi, kj, q_len, kv_len)),
+    ]
+    if plan.gather is not None:
+        g = plan.gather
+        n_g, nq = g.num_tiles, plan.num_q_tiles
+        idx = (plan.num_kv_tiles + torch.arange(n_g, dtype=torch.int32))[None].expand(nq, n_g)
+        cnt = torch.full((nq,), n_g, dtype=torch.int32)
+
+        def gathered(qi: Tensor, kj: Tensor) -> Tensor:
+            keep = ~g.exclude.allowed(qi, kj, q_len, kv_len)
+            return keep & (kj <= qi + (kv_len - q_len)) if g.causal else keep
+
+        out.append((idx.contiguous(), cnt, gathered))
+    return [(i.to(device).long(), c.to(device), m) for i, c, m in out]
+
+
+# ---------------------------------------------------------------------------------------------
 # Exact counts of allowed (query, key) pairs: the FLOP bound's denominator
 
 
@@ -320,23 +364,20 @@ def _neighborhood_pairs(p: Neighborhood) -> int:
 
 
 def _pairs_from_plan(pattern: Pattern, q_len: int, kv_len: int) -> int:
-    """Full tiles count their area; partial tiles are counted element by element."""
-    plan = build_plan(pattern, q_len, kv_len, 128 if grid_of(pattern) is None else None,
-                      128 if grid_of(pattern) is None else None)
+    """Full tiles count their area; partial and gathered tiles are counted element by element."""
+    one_d = grid_of(pattern) is None
+    plan = build_plan(pattern, q_len, kv_len, 128 if one_d else None, 128 if one_d else None)
     qt = plan.q_layout.token_index().view(plan.num_q_tiles, -1)
-    kt = plan.kv_layout.token_index().view(plan.num_kv_tiles, -1)
-    q_valid, k_valid = (qt >= 0).sum(1), (kt >= 0).sum(1)
-    full_q, full_k = (plan.states == FULL).nonzero(as_tuple=True)
-    total = int((q_valid[full_q] * k_valid[full_k]).sum())
-    part_q, part_k = (plan.states == PARTIAL).nonzero(as_tuple=True)
-    for start in range(0, part_q.numel(), 256):
-        qi = qt[part_q[start : start + 256]][:, :, None]
-        kj = kt[part_k[start : start + 256]][:, None, :]
-        ok = (qi >= 0) & (kj >= 0)
-        allowed = pattern.allowed(qi.clamp_min(0), kj.clamp_min(0), q_len, kv_len)
-        total += int((allowed & ok).sum())
+    kt = kv_tokens(plan, torch.device("cpu")).view(-1, plan.kv_layout.tile_size)
+    total = 0
+    for idx, cnt, mask in visit_passes(plan, torch.device("cpu")):
+        slots = torch.arange(idx.shape[1])[None, :] < cnt[:, None]
+        q_tiles, k_tiles = slots.nonzero(as_tuple=True)[0], idx[slots]
+        for start in range(0, q_tiles.numel(), 256):
+            qi = qt[q_tiles[start : start + 256]][:, :, None]
+            kj = kt[k_tiles[start : start + 256]][:, None, :]
+            ok = (qi >= 0) & (kj >= 0)
+            if mask is not None:
+                ok = ok & mask(qi.clamp_min(0), kj.clamp_min(0))
+            total += int(ok.sum())
     return total
-
-
-__all__ = ["EMPTY", "FULL", "PARTIAL", "TilePlan", "allowed_pairs", "build_plan", "layouts_for"]
-
