@@ -15,6 +15,7 @@ is still -inf, so exp2(-inf - 0) = 0.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import textwrap
@@ -35,7 +36,7 @@ import triton.language as tl
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER,
+    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER,{desc_args}
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
     full_stride, part_stride, BH,
@@ -64,8 +65,7 @@ def attn_fwd_kernel(
     q_row_ok = q_ok
 {q_2d}
     qpos = q_tok + {offset}
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_tok * s_qs + offs_d[None, :],
-                mask=q_ok & d_ok[None, :], other=0.0)
+{q_load}
     k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
 
@@ -77,8 +77,7 @@ def attn_fwd_kernel(
 {loops}
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os + offs_dv[None, :],
-             out.to(O.dtype.element_ty), mask=q_ok & dv_ok[None, :])
+{o_store}
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh + q_row, lse, mask=q_row_ok)
 '''
@@ -126,20 +125,29 @@ def step_mask(plan: TilePlan, source: str, masked: bool) -> str | None:
     return f"({mask_expr(plan.list_pattern)})" if masked else None
 
 
-def _fwd_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
-    """One KV tile of the online softmax; ``masked`` adds the pattern and padding guards."""
+def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False) -> list[str]:
+    """One KV tile of the online softmax; ``masked`` adds the pattern and padding guards.
+
+    With ``tma`` (1-D layouts on Hopper), K and V tiles arrive through tensor descriptors; rows
+    past the sequence end come back as zeros and are masked like any padding.
+    """
     mask = step_mask(plan, source, masked)
     lines = kv_source_lines(plan, source)
     row_ok = "k_col_ok[:, None] & " if mask is not None else ""
-    lines += [
-        "k_col = k_tok",
-        "k_col_ok = k_ok",
-        f"k = tl.load(k_base + k_col[:, None] * s_ks + offs_d[None, :], mask={row_ok}d_ok[None, :],"
-        " other=0.0)",
-        f"v = tl.load(v_base + k_col[:, None] * s_vs + offs_dv[None, :],"
-        f" mask={row_ok}dv_ok[None, :], other=0.0)",
-        "qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)",
-    ]
+    lines += ["k_col = k_tok", "k_col_ok = k_ok"]
+    if tma and source == "tile":
+        lines += [
+            "k = KD.load([b, hk, kv_tile * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)",
+            "v = VD.load([b, hk, kv_tile * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV)",
+        ]
+    else:
+        lines += [
+            f"k = tl.load(k_base + k_col[:, None] * s_ks + offs_d[None, :],"
+            f" mask={row_ok}d_ok[None, :], other=0.0)",
+            f"v = tl.load(v_base + k_col[:, None] * s_vs + offs_dv[None, :],"
+            f" mask={row_ok}dv_ok[None, :], other=0.0)",
+        ]
+    lines += ["qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)"]
     if mask is None:
         lines += [
             "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
@@ -182,14 +190,31 @@ def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
     return _indent(out, 4)
 
 
-def fwd_source(plan: TilePlan) -> str:
+_Q_LOAD = ("q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_tok * s_qs"
+           " + offs_d[None, :], mask=q_ok & d_ok[None, :], other=0.0)")
+_O_STORE = ("tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os"
+            " + offs_dv[None, :], out.to(O.dtype.element_ty), mask=q_ok & dv_ok[None, :])")
+_Q_LOAD_TMA = "q = QD.load([b, h, tile * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)"
+_O_STORE_TMA = ("OD.store([b, h, tile * BLOCK_M, 0],"
+                " out.to(O.dtype.element_ty).reshape(1, 1, BLOCK_M, BLOCK_DV))")
+
+
+def tma_eligible(plan: TilePlan) -> bool:
+    """Tiles that are runs of consecutive tokens (1-D, no dilation) can use descriptors."""
+    return plan.q_layout.ndim == 1 and plan.q_layout.is_identity and plan.kv_layout.is_identity
+
+
+def fwd_source(plan: TilePlan, tma: bool = False) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined)."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     return _TEMPLATE.format(
+        desc_args=" QD, KD, VD, OD," if tma else "",
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
-        loops=fwd_loops(plan, _fwd_step),
+        q_load=_indent([_Q_LOAD_TMA if tma else _Q_LOAD], 4),
+        o_store=_indent([_O_STORE_TMA if tma else _O_STORE], 4),
+        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma)),
     )
 
 
@@ -224,6 +249,30 @@ def check_tiles(plan: TilePlan) -> None:
                              f"{name}={getattr(plan, name)} ({size} tokens)")
 
 
+def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> list:
+    """Host-side TMA descriptors over the 4-D tensors, when the plan, device and strides allow.
+
+    Off with SPCOMPILE_TMA=0; never on CPU (the interpreter) or before Hopper.
+    """
+    if (os.environ.get("SPCOMPILE_TMA", "1") == "0" or not q.is_cuda or not tma_eligible(plan)
+            or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return []
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return []
+    tensors = (q, k, v, out)
+    if any(x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:-1])
+           for x in tensors):
+        return []
+    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    bd = max(16, 1 << (q.shape[-1] - 1).bit_length())
+    bdv = max(16, 1 << (v.shape[-1] - 1).bit_length())
+    blocks = ([1, 1, block_m, bd], [1, 1, block_n, bd], [1, 1, block_n, bdv], [1, 1, block_m, bdv])
+    return [TensorDescriptor(x, list(x.shape), list(x.stride()), blk)
+            for x, blk in zip(tensors, blocks, strict=True)]
+
+
 def attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
     config: LaunchConfig | None = None,
@@ -239,7 +288,10 @@ def attn_fwd(
                          f"got {sq}, {skv}")
     check_tiles(plan)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    module = load_source(kernel_name(plan, "fwd"), fwd_source(plan))
+    out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
+    descriptors = _descriptors(plan, q, k, v, out)
+    name = kernel_name(plan, "fwd") + ("-tma" if descriptors else "")
+    module = load_source(name, fwd_source(plan, tma=bool(descriptors)))
     t = plan.device_tensors(q.device)
     aux_pattern = needs_aux(plan.pattern)
     if aux_pattern is not None:
@@ -248,7 +300,6 @@ def attn_fwd(
         aux_stride = aux.stride(0)
     else:
         aux, aux_stride = t["full_cnt"], 0
-    out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     config = config or default_config(plan)
@@ -256,7 +307,7 @@ def attn_fwd(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     module.attn_fwd_kernel[grid](
         q, k, v, out, lse, t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"],
-        t["schedule"], aux, t.get("gather", t["full_cnt"]), scale, aux_stride,
+        t["schedule"], aux, t.get("gather", t["full_cnt"]), *descriptors, scale, aux_stride,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
