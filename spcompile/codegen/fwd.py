@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..plan.layout import TokenLayout
 from ..plan.tiles import TilePlan
 from .cache import load_source
 from .emit import layout_code, mask_expr, needs_aux
@@ -40,7 +41,7 @@ def attn_fwd_kernel(
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
     full_stride, part_stride, BH,
-    H: tl.constexpr, GROUP: tl.constexpr,
+    H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -136,9 +137,10 @@ def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False) -> l
     row_ok = "k_col_ok[:, None] & " if mask is not None else ""
     lines += ["k_col = k_tok", "k_col_ok = k_ok"]
     if tma and source == "tile":
+        kv = plan.kv_layout
         lines += [
-            "k = KD.load([b, hk, kv_tile * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)",
-            "v = VD.load([b, hk, kv_tile * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV)",
+            "k = " + _tma_load(kv, "KD", "kv_tile", "hk", "H_KV", "BLOCK_N", "BLOCK_D"),
+            "v = " + _tma_load(kv, "VD", "kv_tile", "hk", "H_KV", "BLOCK_N", "BLOCK_DV"),
         ]
     else:
         lines += [
@@ -194,14 +196,34 @@ _Q_LOAD = ("q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_to
            " + offs_d[None, :], mask=q_ok & d_ok[None, :], other=0.0)")
 _O_STORE = ("tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os"
             " + offs_dv[None, :], out.to(O.dtype.element_ty), mask=q_ok & dv_ok[None, :])")
-_Q_LOAD_TMA = "q = QD.load([b, h, tile * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)"
-_O_STORE_TMA = ("OD.store([b, h, tile * BLOCK_M, 0],"
-                " out.to(O.dtype.element_ty).reshape(1, 1, BLOCK_M, BLOCK_DV))")
-
-
 def tma_eligible(plan: TilePlan) -> bool:
-    """Tiles that are runs of consecutive tokens (1-D, no dilation) can use descriptors."""
-    return plan.q_layout.ndim == 1 and plan.q_layout.is_identity and plan.kv_layout.is_identity
+    """Tiles that are boxes of the grid without dilation load through descriptors: a run of
+    tokens (1-D), or a box of a [B, H, X, Y] / [B*H, T, X, Y] view (2-D, 3-D)."""
+    return all(d == 1 for d in plan.q_layout.dilation) and plan.q_layout.ndim <= 3
+
+
+def tma_coords(layout: TokenLayout, tile: str, head: str, heads: str) -> str:
+    """The descriptor coordinates of a tile's box: [b, head, starts..., 0] (3-D merges b, h)."""
+    if layout.ndim == 1:
+        return f"[b, {head}, {tile} * {layout.tile[0]}, 0]"
+    starts = []
+    for a in range(layout.ndim):
+        inner = math.prod(layout.tiles_per_axis[a + 1 :])
+        starts.append(f"(({tile} // {inner}) % {layout.tiles_per_axis[a]}) * {layout.tile[a]}")
+    lead = [f"b * {heads} + {head}"] if layout.ndim == 3 else ["b", head]
+    return "[" + ", ".join([*lead, *starts, "0"]) + "]"
+
+
+def _tma_load(layout: TokenLayout, desc: str, tile: str, head: str, heads: str, rows: str,
+              cols: str) -> str:
+    return f"{desc}.load({tma_coords(layout, tile, head, heads)}).reshape({rows}, {cols})"
+
+
+def _o_store_tma(layout: TokenLayout) -> str:
+    box = ", ".join(str(t) for t in layout.tile)
+    lead = "1" if layout.ndim == 3 else "1, 1"
+    return (f"OD.store({tma_coords(layout, 'tile', 'h', 'H')},"
+            f" out.to(O.dtype.element_ty).reshape({lead}, {box}, BLOCK_DV))")
 
 
 def fwd_source(plan: TilePlan, tma: bool = False) -> str:
@@ -212,8 +234,9 @@ def fwd_source(plan: TilePlan, tma: bool = False) -> str:
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
-        q_load=_indent([_Q_LOAD_TMA if tma else _Q_LOAD], 4),
-        o_store=_indent([_O_STORE_TMA if tma else _O_STORE], 4),
+        q_load=_indent([("q = " + _tma_load(plan.q_layout, "QD", "tile", "h", "H", "BLOCK_M",
+                                              "BLOCK_D")) if tma else _Q_LOAD], 4),
+        o_store=_indent([_o_store_tma(plan.q_layout) if tma else _O_STORE], 4),
         loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma)),
     )
 
@@ -261,16 +284,29 @@ def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return []
-    tensors = (q, k, v, out)
-    if any(x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:-1])
-           for x in tensors):
+    views = [_grid_view(x, plan.q_layout.grid) for x in (q, k, v, out)]
+    if any(x is None or x.data_ptr() % 16
+           or any((st * x.element_size()) % 16 for st in x.stride()[:-1]) for x in views):
         return []
-    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     bd = max(16, 1 << (q.shape[-1] - 1).bit_length())
     bdv = max(16, 1 << (v.shape[-1] - 1).bit_length())
-    blocks = ([1, 1, block_m, bd], [1, 1, block_n, bd], [1, 1, block_n, bdv], [1, 1, block_m, bdv])
+    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
+    qt, kt = list(plan.q_layout.tile), list(plan.kv_layout.tile)
+    blocks = ([*lead, *qt, bd], [*lead, *kt, bd], [*lead, *kt, bdv], [*lead, *qt, bdv])
     return [TensorDescriptor(x, list(x.shape), list(x.stride()), blk)
-            for x, blk in zip(tensors, blocks, strict=True)]
+            for x, blk in zip(views, blocks, strict=True)]
+
+
+def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
+    """[B, H, S, D] as [B, H, *grid, D] (1-D, 2-D) or [B*H, *grid, D] (3-D: five dims is the
+    descriptor limit), or None when the strides cannot merge B and H."""
+    b, h, _, d = x.shape
+    if len(grid) == 1:
+        return x
+    try:  # views only: a descriptor over a copy of ``out`` would lose the output
+        return x.view(b, h, *grid, d) if len(grid) == 2 else x.view(b * h, *grid, d)
+    except RuntimeError:
+        return None
 
 
 def attn_fwd(
@@ -312,7 +348,7 @@ def attn_fwd(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
-        H=h, GROUP=h // h_kv, HEAD_DIM=d, HEAD_DIM_V=dv,
+        H=h, H_KV=h_kv, GROUP=h // h_kv, HEAD_DIM=d, HEAD_DIM_V=dv,
         BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_DV=max(16, 1 << (dv - 1).bit_length()),
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
