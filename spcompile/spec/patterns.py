@@ -103,6 +103,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _store_int(pattern: Pattern, owner: str, name: str, *, minimum: int | None = None) -> None:
+    """Check an integer field and keep it as a plain int: numpy and sympy integers and 0-d int
+    tensors are accepted (``as_int``) and must not reach ``to_dict`` / the canonical key."""
+    object.__setattr__(pattern, name, as_int(owner, name, getattr(pattern, name), minimum=minimum))
+
+
 def _offset(q_len: int, kv_len: int) -> int:
     """Bottom-right alignment: query i is at position i + offset."""
     return kv_len - q_len
@@ -155,12 +161,12 @@ class Sliding(Pattern):
                     f"{owner}: expected either window or left/right, got window={self.window}, "
                     f"left={self.left}, right={self.right}"
                 )
-            as_int(owner, "window", self.window, minimum=1)
+            _store_int(self, owner, "window", minimum=1)
         else:
             if self.left is not None:
-                as_int(owner, "left", self.left, minimum=0)
+                _store_int(self, owner, "left", minimum=0)
             if self.right is not None:
-                as_int(owner, "right", self.right, minimum=0)
+                _store_int(self, owner, "right", minimum=0)
             if self.causal and self.right not in (None, 0):
                 raise ValueError(
                     f"{owner}: causal means right=0, got right={self.right} with causal=True"
@@ -327,9 +333,9 @@ class Strided(Pattern):
     def _validate(self) -> None:
         owner = "Strided"
         one_of(owner, "variant", self.variant, ("strided", "fixed"))
-        as_int(owner, "local", self.local, minimum=0)
-        as_int(owner, "stride", self.stride, minimum=1)
-        as_int(owner, "summary", self.summary, minimum=1)
+        _store_int(self, owner, "local", minimum=0)
+        _store_int(self, owner, "stride", minimum=1)
+        _store_int(self, owner, "summary", minimum=1)
         as_bool(owner, "causal", self.causal)
         if self.variant == "fixed" and self.summary > self.stride:
             raise ValueError(
@@ -363,7 +369,7 @@ class Blocked(Pattern):
     causal: bool = False
 
     def _validate(self) -> None:
-        as_int("Blocked", "block", self.block, minimum=1)
+        _store_int(self, "Blocked", "block", minimum=1)
         as_bool("Blocked", "causal", self.causal)
 
     def allowed(self, i: Tensor, j: Tensor, q_len: int, kv_len: int) -> Tensor:
@@ -394,8 +400,8 @@ class Global(Pattern):
 
     def _validate(self) -> None:
         owner = "Global"
-        as_int(owner, "first", self.first, minimum=0)
-        as_int(owner, "every", self.every, minimum=0)
+        _store_int(self, owner, "first", minimum=0)
+        _store_int(self, owner, "every", minimum=0)
         if isinstance(self.indices, (str, bytes)) or not isinstance(self.indices, Iterable):
             raise TypeError(f"{owner}: expected indices to be a list of integers, "
                             f"got indices={self.indices!r}")
@@ -410,12 +416,14 @@ class Global(Pattern):
             raise ValueError(f"{owner}: expected columns or rows (or both) to be true")
 
     def is_global(self, t: Tensor) -> Tensor:
+        """Which positions t are global tokens; a position < 0 (a query placed before key 0 by
+        bottom-right alignment when q_len > kv_len) is no token, so never global."""
         out = t < self.first
         if self.every:
             out = out | (t % self.every == 0)
         if self.indices:
             out = out | torch.isin(t, torch.tensor(self.indices, dtype=t.dtype))
-        return out
+        return out & (t >= 0)
 
     def allowed(self, i: Tensor, j: Tensor, q_len: int, kv_len: int) -> Tensor:
         p = i + _offset(q_len, kv_len)
@@ -468,11 +476,11 @@ class BlockLayout(Pattern):
     def _validate(self) -> None:
         owner = "BlockLayout"
         one_of(owner, "kind", self.layout_kind, LAYOUT_KINDS)
-        as_int(owner, "block", self.block, minimum=1)
-        as_int(owner, "local", self.local, minimum=0)
-        as_int(owner, "global_blocks", self.global_blocks, minimum=0)
-        as_int(owner, "random", self.random, minimum=0)
-        as_int(owner, "seed", self.seed)
+        _store_int(self, owner, "block", minimum=1)
+        _store_int(self, owner, "local", minimum=0)
+        _store_int(self, owner, "global_blocks", minimum=0)
+        _store_int(self, owner, "random", minimum=0)
+        _store_int(self, owner, "seed")
         as_bool(owner, "rows", self.rows)
         as_bool(owner, "causal", self.causal)
         object.__setattr__(self, "global_indices", tuple(
@@ -532,7 +540,11 @@ class BlockLayout(Pattern):
             return mask
         if kind == "fixed":
             mask = r // self.local == c // self.local
-            g = (torch.arange(n_blocks) % self.local) >= self.local - self.global_blocks
+            # The last global_blocks of every window, a short last window's included (as
+            # DeepSpeed's FixedSparsityConfig places them).
+            blocks = torch.arange(n_blocks)
+            window_end = ((blocks // self.local + 1) * self.local).clamp_max(n_blocks)
+            g = blocks >= window_end - self.global_blocks
         else:  # variable
             window_of = torch.empty(n_blocks, dtype=torch.long)
             start, w, sizes = 0, 0, list(self.local_windows)
@@ -562,7 +574,8 @@ class BlockLayout(Pattern):
         p = i + _offset(q_len, kv_len)
         n_blocks = -(-kv_len // self.block)
         mask = self.block_mask(n_blocks)
-        out = mask[p // self.block, j // self.block]
+        # A query before key 0 (q_len > kv_len) has no block row: it sees nothing.
+        out = mask[p.clamp_min(0) // self.block, j // self.block] & (p >= 0)
         return out & (j <= p) if self.causal else out
 
 
@@ -593,16 +606,16 @@ class TopK(Pattern):
 
     def _validate(self) -> None:
         owner = "TopK"
-        as_int(owner, "block", self.block, minimum=1)
-        as_int(owner, "sink", self.sink, minimum=0)
-        as_int(owner, "local", self.local, minimum=0)
+        _store_int(self, owner, "block", minimum=1)
+        _store_int(self, owner, "sink", minimum=0)
+        _store_int(self, owner, "local", minimum=0)
         as_bool(owner, "causal", self.causal)
         as_bool(owner, "share_gqa", self.share_gqa)
         if (self.k is None) == (self.coverage is None):
             raise ValueError(f"{owner}: expected exactly one of k or coverage, got "
                              f"k={self.k}, coverage={self.coverage}")
         if self.k is not None:
-            as_int(owner, "k", self.k, minimum=0)
+            _store_int(self, owner, "k", minimum=0)
         else:
             if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)):
                 raise TypeError(f"{owner}: expected coverage to be a number in (0, 1], "

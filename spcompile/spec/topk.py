@@ -37,7 +37,8 @@ def select_blocks(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = Non
     before the diagonal when causal). Forced blocks: the first ``sink`` and blocks
     ``r - local + 1 .. r``. Beyond them: the ``k`` highest-scoring blocks (ties to the lower
     index), or, with ``coverage``, blocks in descending score until the kept set's mass reaches
-    ``coverage``. With ``share_gqa`` the heads of a group average their probabilities first.
+    ``coverage`` (1.0 keeps every eligible block). With ``share_gqa`` the heads of a group
+    average their probabilities first.
     """
     b, h, s, d = q.shape
     h_kv = k.shape[1]
@@ -68,5 +69,9 @@ def select_blocks(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = Non
         # Take a candidate while the mass kept before it is still short of coverage.
         before = forced_mass + torch.cumsum(ranked.clamp_min(0), -1) - ranked.clamp_min(0)
         take = (before < pattern.coverage - 1e-12) & (ranked >= 0)
+        if pattern.coverage >= 1.0:
+            # All of the mass: every eligible block, also those whose probability is below the
+            # rounding slack or underflows to 0 (the exact smallest set reaching 1.0).
+            take = ranked >= 0
     chosen = torch.zeros_like(forced).scatter(-1, order, take)
     return forced | chosen
