@@ -263,6 +263,16 @@ def _schema(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no arguments: the demo picks the GPU when there is one
+
+
+def _demo(args: argparse.Namespace, out: Output) -> int:
+    from .demos.run import run
+
+    return run(out.line)
+
+
 # --------------------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -272,6 +282,8 @@ COMMANDS: tuple[Command, ...] = (
             _explain_arguments, _explain),
     Command("schema", "print the JSON Schema of spec files (for editors)", _schema_arguments,
             _schema),
+    Command("demo", "compile a built-in ViT with a neighborhood spec: report, check, predict",
+            _demo_arguments, _demo),
 )
 
 
