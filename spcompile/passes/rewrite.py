@@ -8,6 +8,7 @@ report; with ``strict`` that is an error instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from typing import Any
@@ -19,6 +20,9 @@ from ..spec.patterns import AnyOf, Dense, Pattern, PerHead, Sliding, TopK
 from ..spec.rules import SiteKey
 from .detect import find_attention
 from .report import Report, SiteReport, log_report, set_last_report
+
+
+log = logging.getLogger("spcompile")
 
 
 class LeftDenseError(RuntimeError):
@@ -94,20 +98,23 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
 
 
 def _predict(pattern: Pattern, site: Any) -> tuple[float | None, float | None]:
-    """(density, predicted speedup) from the simulator, when it can say."""
+    """(density, predicted speedup) for the report; a failure is logged, never raised (the
+    report must not break compilation)."""
     q_len, kv_len = _concrete(site.q_len), _concrete(site.kv_len)
     if q_len is None or kv_len is None or isinstance(pattern, PerHead):
         return None, None
+    from ..plan.tiles import allowed_pairs
+
+    density = allowed_pairs(pattern, q_len, kv_len) / (q_len * kv_len)
     try:
-        from ..plan.tiles import allowed_pairs
         from ..sim import simulate
 
-        density = allowed_pairs(pattern, q_len, kv_len) / (q_len * kv_len)
-        report = simulate(pattern, q_len, kv_len, heads=site.num_heads or 1,
-                          head_dim=site.head_dim or 64)
+        report = simulate(pattern, q_len, kv_len, heads=int(site.num_heads or 1),
+                          head_dim=int(site.head_dim or 64))
         return density, report.predicted_speedup
-    except Exception:  # the report must never break compilation
-        return None, None
+    except Exception as e:
+        log.warning("spcompile: no simulator prediction for %s: %s", site.module_path, e)
+        return density, None
 
 
 def rewrite_attention(gm: fx.GraphModule, opts: Any) -> Report:
