@@ -49,6 +49,17 @@ def boxes(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
     return out
 
 
+def _candidates(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
+    """``boxes``, or when the grid holds fewer tokens than a tile (a 7x7 grid, a small dilation
+    group), the one box covering it, padded along the last axis: tiles keep the token counts the
+    kernels are tuned and built for."""
+    out = boxes(volume, grid)
+    if out:
+        return out
+    sides = [1 << max(0, math.ceil(math.log2(n))) for n in grid[:-1]]
+    return [(*sides, volume // math.prod(sides))]
+
+
 @functools.lru_cache(maxsize=128)
 def default_tiles(
     pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128
@@ -75,7 +86,8 @@ def best_boxes(
     shape, dilation = grid
     group = tuple(-(-n // d) for n, d in zip(shape, dilation, strict=True))
     if not isinstance(pattern, Neighborhood):
-        candidates = [(qt, kt) for qt in boxes(q_tokens, group) for kt in boxes(kv_tokens, group)]
+        candidates = [(qt, kt) for qt in _candidates(q_tokens, group)
+                      for kt in _candidates(kv_tokens, group)]
         costs = [build_plan(pattern, q_len, kv_len, qt, kt).num_visited for qt, kt in candidates]
         best = min(zip(costs, candidates, strict=True), key=lambda c: (c[0], -c[1][0][-1]))
         return best[1]
@@ -88,8 +100,8 @@ def best_boxes(
         return int((_interval_axis(window, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
 
     best: tuple[int, int, TileShape, TileShape] | None = None
-    for qt in boxes(q_tokens, group):
-        for kt in boxes(kv_tokens, group):
+    for qt in _candidates(q_tokens, group):
+        for kt in _candidates(kv_tokens, group):
             visited = sum(
                 math.prod(axis_visits(a, g[a], qt[a], kt[a]) for a in range(len(shape)))
                 for g in itertools.product(*[range(d) for d in dilation])

@@ -297,13 +297,17 @@ def _block_layout(p: BlockLayout, q: TokenLayout, kv: TokenLayout, offset: int) 
 
     qlo, qhi, q_valid = block_range(q, q.num_tokens, offset)
     klo, khi, k_valid = block_range(kv, kv_len, 0)
+    # Queries placed before key 0 (q_len > kv_len) have no block row and see nothing: a tile
+    # holding one is never full, a tile of only those is empty.
+    q_first = torch.arange(q.num_tiles) * q.tile[0] + offset
+    q_last = torch.minimum(q_first + q.tile[0] - 1, torch.tensor(kv_len - 1))
     r0, r1 = qlo[:, None], qhi[:, None] + 1
     c0, c1 = klo[None, :], khi[None, :] + 1
     count = prefix[r1, c1] - prefix[r0, c1] - prefix[r1, c0] + prefix[r0, c0]
     area = (r1 - r0) * (c1 - c0)
     out = torch.where(count > 0, PARTIAL, EMPTY).to(torch.int8)
-    out[(count == area) & ~_has_padding(kv)[None, :]] = FULL
-    out[~q_valid[:, None] | ~k_valid[None, :]] = EMPTY
+    out[(count == area) & ~_has_padding(kv)[None, :] & (q_first >= 0)[:, None]] = FULL
+    out[~q_valid[:, None] | ~k_valid[None, :] | (q_last < 0)[:, None]] = EMPTY
     if p.causal:
         out = torch.minimum(out, causal_states(q, kv, offset))
     return out
