@@ -21,7 +21,6 @@ from ..spec.rules import SiteKey
 from .detect import find_attention
 from .report import Report, SiteReport, log_report, set_last_report
 
-
 log = logging.getLogger("spcompile")
 
 
