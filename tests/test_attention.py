@@ -26,7 +26,7 @@ CASES = {
     "strided-fixed": (sp.Strided(stride=8, variant="fixed", summary=2), 45, 45, (16,), (16,)),
     "stripes": (sp.Sliding(left=3, right=3) | sp.Global(every=9, rows=False), 37, 37,
                 (16,), (16,)),
-    "longformer": (sp.BlockLayout(layout_kind="longformer", block=8, local=3,
+    "longformer": (sp.BlockLayout(kind="longformer", block=8, local=3,
                                   global_indices=(2,)), 48, 48, (16,), (16,)),
     "empty-rows": (sp.Global(indices=[20], causal=True), 40, 40, (16,), (16,)),
     # every 13th key: 8 gathered keys fill one tile; the stripes touch all 7 KV tiles

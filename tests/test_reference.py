@@ -94,7 +94,7 @@ def test_causal_decode_is_bottom_right():
     (sp.Sliding(left=3, right=2), 11, 20),
     (sp.Neighborhood(shape=(3, 6), window=(3, 3), stride=(1, 2), dilation=(1, 2)), 18, 18),
     (sp.Strided(local=3, stride=4), 16, 16),
-    (sp.BlockLayout(layout_kind="longformer", block=4, local=3, global_indices=(1,)), 18, 18),
+    (sp.BlockLayout(kind="longformer", block=4, local=3, global_indices=(1,)), 18, 18),
     (sp.Sliding(window=4, causal=True) | sp.Global(first=2), 9, 14),
 ], ids=lambda x: repr(x)[:40] if isinstance(x, sp.Pattern) else str(x))
 def test_pattern_equals_sdpa_with_its_mask(pattern, sq, skv):

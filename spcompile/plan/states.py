@@ -193,7 +193,7 @@ def _neighborhood_window(w: int, s: int, causal: bool) -> IntervalFn:
 
 @state_rule(Neighborhood)
 def _neighborhood(p: Neighborhood, q: TokenLayout, kv: TokenLayout, offset: int) -> Tensor:
-    if q.grid != p.shape or kv.grid != p.shape or q.dilation != p.dilation != kv.dilation:
+    if q.grid != p.shape or kv.grid != p.shape or not q.dilation == kv.dilation == p.dilation:
         raise ValueError("Neighborhood plans need layouts over the pattern's grid and dilation")
     out = torch.zeros(q.num_tiles, kv.num_tiles, dtype=torch.int8)
     for g in range(q.num_groups):

@@ -442,7 +442,7 @@ class Global(Pattern):
 LAYOUT_KINDS = ("bigbird", "longformer", "fixed", "variable", "explicit")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class BlockLayout(Pattern):
     """A block-level layout over ``block``-token blocks, as DeepSpeed's sparsity configs name them.
 
@@ -472,6 +472,23 @@ class BlockLayout(Pattern):
     rows: bool = False
     layout: tuple[tuple[int, ...], ...] | None = None
     causal: bool = False
+
+    def __init__(
+        self, kind: str = "bigbird", block: int = 64, local: int = 3, global_blocks: int = 1,
+        random: int = 0, seed: int = 0, global_indices: Iterable[int] = (),
+        local_windows: Iterable[int] = (), rows: bool = False,
+        layout: Sequence[Sequence[int]] | None = None, causal: bool = False,
+    ) -> None:
+        # ``kind`` (the layout family, DeepSpeed's word) is stored as ``layout_kind``: the class
+        # attribute ``kind`` is the pattern's spec key, "block_layout".
+        values = dict(layout_kind=kind, block=block, local=local, global_blocks=global_blocks,
+                      random=random, seed=seed, global_indices=tuple(global_indices),
+                      local_windows=tuple(local_windows), rows=rows,
+                      layout=None if layout is None else tuple(tuple(r) for r in layout),
+                      causal=causal)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def _validate(self) -> None:
         owner = "BlockLayout"
@@ -833,14 +850,11 @@ def pattern_from_dict(tree: Any) -> Pattern:
     if not isinstance(body, Mapping):
         raise TypeError(f"{kind}: expected a mapping of arguments, got {body!r}")
     body = dict(body)
-    if cls is BlockLayout:
-        if "kind" in body:
-            body["layout_kind"] = body.pop("kind")
-        if "layout" in body and body["layout"] is not None:
-            body["layout"] = tuple(tuple(r) for r in body["layout"])
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    public = {"kind" if n == "layout_kind" else n for n in names}
-    unknown = set(body) - names
+    if cls is BlockLayout and body.get("layout") is not None:
+        body["layout"] = tuple(tuple(r) for r in body["layout"])
+    public = {"kind" if f.name == "layout_kind" else f.name
+              for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(body) - public
     if unknown:
         raise ValueError(f"{kind}: unknown key(s) {sorted(unknown)}; "
                          f"allowed: {', '.join(sorted(public))}")

@@ -28,7 +28,7 @@ CASES = {
     "blocked": (sp.Blocked(block=10), 45, 45, (16,), (16,)),
     "sliding+stripes": (sp.Sliding(left=4, right=4) | sp.Global(every=8), 50, 50, (16,), (16,)),
     "strided": (sp.Strided(local=4, stride=5), 33, 33, (16,), (16,)),
-    "bigbird": (sp.BlockLayout(layout_kind="bigbird", block=8, random=1), 48, 48, (16,), (16,)),
+    "bigbird": (sp.BlockLayout(kind="bigbird", block=8, random=1), 48, 48, (16,), (16,)),
     "empty-rows": (sp.Global(indices=[20], causal=True), 40, 40, (16,), (16,)),
 }
 

@@ -102,21 +102,21 @@ def block_layout(rng, kv_len):
     causal = rng.random() < 0.4
     kind = rng.choice(["bigbird", "longformer", "fixed", "variable", "explicit"])
     if kind == "bigbird":
-        return sp.BlockLayout(layout_kind="bigbird", block=block, local=rng.randint(0, 5),
+        return sp.BlockLayout(kind="bigbird", block=block, local=rng.randint(0, 5),
                               global_blocks=rng.randint(0, 2), random=rng.randint(0, 3),
                               seed=rng.randint(0, 99), causal=causal)
     if kind == "longformer":
-        return sp.BlockLayout(layout_kind="longformer", block=block, local=rng.randint(0, 5),
+        return sp.BlockLayout(kind="longformer", block=block, local=rng.randint(0, 5),
                               global_blocks=rng.randint(0, 2),
                               global_indices=tuple(rng.sample(range(8), rng.randint(0, 2))),
                               causal=causal)
     if kind == "fixed":
         local = rng.randint(1, 4)
-        return sp.BlockLayout(layout_kind="fixed", block=block, local=local,
+        return sp.BlockLayout(kind="fixed", block=block, local=local,
                               global_blocks=rng.randint(1, local), rows=rng.random() < 0.3,
                               causal=causal)
     if kind == "variable":
-        return sp.BlockLayout(layout_kind="variable", block=block,
+        return sp.BlockLayout(kind="variable", block=block,
                               local_windows=tuple(rng.randint(1, 4)
                                                   for _ in range(rng.randint(1, 3))),
                               global_indices=tuple(rng.sample(range(6), rng.randint(0, 2))),
@@ -124,7 +124,7 @@ def block_layout(rng, kv_len):
     n = -(-kv_len // block)
     density = rng.random()
     layout = tuple(tuple(int(rng.random() < density) for _ in range(n)) for _ in range(n))
-    return sp.BlockLayout(layout_kind="explicit", block=block, layout=layout, causal=causal)
+    return sp.BlockLayout(kind="explicit", block=block, layout=layout, causal=causal)
 
 
 def neighborhood(rng, ndim=None):
@@ -330,9 +330,9 @@ def test_has_rule(kind):
         (sp.Sliding(left=3, right=2), 70, 20, (8,), (4,)),
         (sp.Blocked(block=7, causal=True), 60, 23, (5,), (3,)),
         (sp.Global(first=2, rows=True, causal=True), 40, 13, (4,), (4,)),
-        (sp.BlockLayout(layout_kind="bigbird", block=4, local=1, global_blocks=1), 30, 17,
+        (sp.BlockLayout(kind="bigbird", block=4, local=1, global_blocks=1), 30, 17,
          (3,), (4,)),
-        (sp.BlockLayout(layout_kind="fixed", block=3, local=2, global_blocks=1, causal=True),
+        (sp.BlockLayout(kind="fixed", block=3, local=2, global_blocks=1, causal=True),
          25, 11, (4,), (2,)),
         (sp.AnyOf(sp.Sliding(window=8, causal=True), sp.Global(first=4)), 90, 200, (16,), (16,)),
         # Dilated, strided, causal neighborhoods on odd grids.

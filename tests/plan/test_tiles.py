@@ -143,7 +143,7 @@ def test_allowed_pairs_matches_dense_mask(kind):
         (sp.Blocked(block=100), 1000, 1000),
         (sp.Blocked(block=96, causal=True), 700, 1000),
         (sp.Strided(local=32, stride=48), 900, 900),
-        (sp.BlockLayout(layout_kind="bigbird", block=32, local=3, global_blocks=1, random=2),
+        (sp.BlockLayout(kind="bigbird", block=32, local=3, global_blocks=1, random=2),
          1000, 1000),
         (sp.Neighborhood(shape=(20, 30), window=(5, 9), stride=(2, 3), dilation=(2, 1)), 600,
          600),

@@ -125,7 +125,7 @@ def make_block_layout(rng):
     block = rng.randint(1, 6)
     n = -(-kv_len // block)
     kind = rng.choice(["bigbird", "longformer", "fixed", "variable", "explicit"])
-    kw = dict(layout_kind=kind, block=block, causal=rng.random() < 0.4)
+    kw = dict(kind=kind, block=block, causal=rng.random() < 0.4)
     if kind in ("bigbird", "longformer"):
         kw.update(local=rng.randint(0, 5), global_blocks=rng.randint(0, 2))
         if kind == "longformer" and rng.random() < 0.6:
@@ -556,7 +556,7 @@ def test_literal_bigbird_seeded():
     # block 2, 6 blocks: local 3 (|r - c| <= 1), block 0 global (row and column), 1 random
     # block per row from seed 0. The random blocks are pinned here on purpose: a change in the
     # draw changes every saved BigBird layout.
-    p = sp.BlockLayout(layout_kind="bigbird", block=2, local=3, global_blocks=1, random=1, seed=0)
+    p = sp.BlockLayout(kind="bigbird", block=2, local=3, global_blocks=1, random=1, seed=0)
     static = oracle.parse_picture("""
         111111
         111000

@@ -94,20 +94,20 @@ INVALID = [
     (lambda: sp.Global(every=-3), ValueError, "expected every >= 0, got every=-3"),
     (lambda: sp.Global(first=1, rows=1), TypeError, "got rows=1"),
     # BlockLayout
-    (lambda: sp.BlockLayout(layout_kind="star"), ValueError,
+    (lambda: sp.BlockLayout(kind="star"), ValueError,
      "expected kind to be one of 'bigbird', 'longformer', 'fixed', 'variable', 'explicit', "
      "got kind='star'"),
-    (lambda: sp.BlockLayout(layout_kind="explicit"), ValueError,
+    (lambda: sp.BlockLayout(kind="explicit"), ValueError,
      "kind 'explicit' needs layout"),
-    (lambda: sp.BlockLayout(layout_kind="explicit", layout=((1, 0), (1,))), ValueError,
+    (lambda: sp.BlockLayout(kind="explicit", layout=((1, 0), (1,))), ValueError,
      "non-empty rectangular 0/1 matrix, got 2 rows of lengths [1, 2]"),
     (lambda: sp.BlockLayout(layout=((1,),)), ValueError,
      "layout is only for kind 'explicit', got kind='bigbird'"),
-    (lambda: sp.BlockLayout(layout_kind="variable"), ValueError,
+    (lambda: sp.BlockLayout(kind="variable"), ValueError,
      "kind 'variable' needs local_windows"),
-    (lambda: sp.BlockLayout(layout_kind="variable", local_windows=(2, 0)), ValueError,
+    (lambda: sp.BlockLayout(kind="variable", local_windows=(2, 0)), ValueError,
      "expected local_windows[] >= 1, got local_windows[]=0"),
-    (lambda: sp.BlockLayout(layout_kind="fixed", local=2, global_blocks=3), ValueError,
+    (lambda: sp.BlockLayout(kind="fixed", local=2, global_blocks=3), ValueError,
      "kind 'fixed' needs 1 <= global_blocks <= local, got local=2, global_blocks=3"),
     (lambda: sp.BlockLayout(random=-1), ValueError, "expected random >= 0, got random=-1"),
     (lambda: sp.BlockLayout(seed=1.5), TypeError, "expected seed to be an integer, got seed=1.5"),
@@ -149,7 +149,7 @@ INVALID = [
      "a 1x32768x16384 mask is too large to build (limit 268435456 elements)"),
     (lambda: sp.dense_mask(sp.Neighborhood(shape=(4, 4), window=3), 15, 16), ValueError,
      "the grid 4x4 holds 16 tokens, but the site has q_len=15, kv_len=16"),
-    (lambda: sp.dense_mask(sp.BlockLayout(layout_kind="explicit", block=4,
+    (lambda: sp.dense_mask(sp.BlockLayout(kind="explicit", block=4,
                                           layout=((1, 0), (1, 1))), 12, 12), ValueError,
      "layout is 2x2 blocks, but kv_len=12 with block=4 needs 3x3"),
     (lambda: sp.TopK(k=1).allowed(torch.arange(4), torch.arange(4), 4, 4), NotImplementedError,
@@ -226,12 +226,12 @@ ROUND_TRIP = [
     sp.Strided(stride=64, variant="fixed", summary=8, causal=False),
     sp.Blocked(block=1024),
     sp.Blocked(block=7, causal=True),
-    sp.BlockLayout(layout_kind="bigbird", block=64, local=3, global_blocks=1, random=1, seed=7),
-    sp.BlockLayout(layout_kind="longformer", block=32, local=5, global_indices=(0, 9)),
-    sp.BlockLayout(layout_kind="fixed", block=16, local=4, global_blocks=2, rows=True),
-    sp.BlockLayout(layout_kind="variable", block=16, local_windows=(2, 4), global_indices=(0,),
+    sp.BlockLayout(kind="bigbird", block=64, local=3, global_blocks=1, random=1, seed=7),
+    sp.BlockLayout(kind="longformer", block=32, local=5, global_indices=(0, 9)),
+    sp.BlockLayout(kind="fixed", block=16, local=4, global_blocks=2, rows=True),
+    sp.BlockLayout(kind="variable", block=16, local_windows=(2, 4), global_indices=(0,),
                    causal=True),
-    sp.BlockLayout(layout_kind="explicit", block=8, layout=((1, 0, 0), (1, 1, 0), (0, 1, 1))),
+    sp.BlockLayout(kind="explicit", block=8, layout=((1, 0, 0), (1, 1, 0), (0, 1, 1))),
     sp.TopK(block=64, k=16, sink=1, local=2),
     sp.TopK(block=32, coverage=0.9, causal=True, share_gqa=True),
     sp.Global(first=4),
@@ -281,7 +281,7 @@ def test_to_dict_is_compact():
         "neighborhood": {"shape": [4, 6], "window": 3}}
     assert sp.Neighborhood(shape=(8, 8), window=3, stride=(1, 3)).to_dict() == {
         "neighborhood": {"shape": [8, 8], "window": 3, "stride": [1, 3]}}
-    assert sp.BlockLayout(layout_kind="fixed", local=4).to_dict() == {
+    assert sp.BlockLayout(kind="fixed", local=4).to_dict() == {
         "block_layout": {"kind": "fixed", "local": 4}}
     assert sp.Global(indices=[9, 2, 9]).to_dict() == {"global": {"indices": [2, 9]}}
     union = sp.Sliding(window=4, causal=True) | sp.Global(first=4)
@@ -365,7 +365,7 @@ def test_bigbird_structure():
 
 
 def test_longformer_structure():
-    p = sp.BlockLayout(layout_kind="longformer", local=1, global_indices=(2, 4, 9))
+    p = sp.BlockLayout(kind="longformer", local=1, global_indices=(2, 4, 9))
     assert blocks(p, 6) == oracle.parse_picture("""
         101010
         011010
@@ -378,7 +378,7 @@ def test_longformer_structure():
 def test_fixed_structure_including_a_short_last_window():
     # windows of 4 blocks: [0-3] [4-7] [8-9]; the last block of each is a global column, also
     # in the short window (DeepSpeed FixedSparsityConfig: block 9)
-    p = sp.BlockLayout(layout_kind="fixed", local=4, global_blocks=1)
+    p = sp.BlockLayout(kind="fixed", local=4, global_blocks=1)
     assert blocks(p, 10) == oracle.parse_picture("""
         1111000101
         1111000101
@@ -391,7 +391,7 @@ def test_fixed_structure_including_a_short_last_window():
         0001000111
         0001000111""")
     # rows=True: the global blocks also see everything; a 1-block last window is all global
-    p = sp.BlockLayout(layout_kind="fixed", local=3, global_blocks=2, rows=True)
+    p = sp.BlockLayout(kind="fixed", local=3, global_blocks=2, rows=True)
     assert blocks(p, 7) == oracle.parse_picture("""
         1110111
         1111111
@@ -404,7 +404,7 @@ def test_fixed_structure_including_a_short_last_window():
 
 def test_variable_structure():
     # windows of 1, 2, then 3 blocks (the last size repeats); block 0 a global column
-    p = sp.BlockLayout(layout_kind="variable", local_windows=(1, 2, 3), global_indices=(0,))
+    p = sp.BlockLayout(kind="variable", local_windows=(1, 2, 3), global_indices=(0,))
     assert blocks(p, 9) == oracle.parse_picture("""
         100000000
         111000000
@@ -418,7 +418,7 @@ def test_variable_structure():
 
 
 def test_explicit_layout_drives_tokens():
-    p = sp.BlockLayout(layout_kind="explicit", block=3, layout=((1, 0, 1), (0, 1, 0), (1, 1, 0)))
+    p = sp.BlockLayout(kind="explicit", block=3, layout=((1, 0, 1), (0, 1, 0), (1, 1, 0)))
     assert blocks(p, 3) == [[1, 0, 1], [0, 1, 0], [1, 1, 0]]
     oracle.assert_same(sp.dense_mask(p, 8, 8), oracle.parse_picture("""
         11100011
@@ -438,11 +438,11 @@ def test_explicit_layout_drives_tokens():
 
 
 def test_block_layout_causal_is_token_level():
-    p = sp.BlockLayout(layout_kind="explicit", block=2, layout=((1, 1), (1, 1)), causal=True)
+    p = sp.BlockLayout(kind="explicit", block=2, layout=((1, 1), (1, 1)), causal=True)
     assert torch.equal(sp.dense_mask(p, 4, 4), torch.ones(4, 4, dtype=torch.bool).tril())
 
 
-BIGBIRD = dict(layout_kind="bigbird", block=4, local=1, global_blocks=0, random=3)
+BIGBIRD = dict(kind="bigbird", block=4, local=1, global_blocks=0, random=3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
