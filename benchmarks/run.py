@@ -55,7 +55,8 @@ def flex_fn(row: Row, q, k, v):
     def mask_mod(b, h, q_idx, kv_idx):
         return pattern.allowed(q_idx, kv_idx, s, s)
 
-    block_mask = create_block_mask(mask_mod, None, None, s, s, device=q.device)
+    # _compile=True builds the block mask without materializing S x S (65k rows: 384 GB).
+    block_mask = create_block_mask(mask_mod, None, None, s, s, device=q.device, _compile=True)
     compiled = torch.compile(flex_attention)
     return lambda: compiled(q, k, v, block_mask=block_mask)
 

@@ -34,8 +34,7 @@ def suite() -> list[Row]:
         Row("na3d", sp.Neighborhood(shape=(16, 48, 80), window=(7, 17, 33)), 61440, 6.0),
         Row("flux_na", sp.Neighborhood(shape=(256, 256), window=80), 65536, 6.5),
         Row("flux_gna", sp.Neighborhood(shape=(256, 256), window=80, stride=16), 65536, 9.0),
-        Row("hunyuan_na", sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24)), 115200, 4.5,
-            flex=False),
+        Row("hunyuan_na", sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24)), 115200, 4.5),
         Row("hunyuan_gna", sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
-                                           stride=(16, 8, 8)), 115200, 9.5, flex=False),
+                                           stride=(16, 8, 8)), 115200, 9.5),
     ]
