@@ -1,0 +1,1 @@
+"""FX passes over the graph dynamo captures: detect attention sites, rewrite them, report."""
