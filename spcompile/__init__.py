@@ -4,6 +4,7 @@
 """
 
 from .attention import sparse_attention
+from .passes.report import last_report
 from .reference import reference_attention
 from .spec.errors import SpecError
 from .spec.loading import load_spec
@@ -38,6 +39,7 @@ __all__ = [
     "Strided",
     "TopK",
     "dense_mask",
+    "last_report",
     "load_spec",
     "reference_attention",
     "sparse_attention",
