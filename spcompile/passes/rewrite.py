@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from ..spec.patterns import AnyOf, Dense, Pattern, PerHead, Sliding, TopK
+from ..spec.errors import SpecError
 from ..spec.rules import SiteKey
 from .detect import find_attention
 from .report import Report, SiteReport, log_report, set_last_report
@@ -60,7 +61,10 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
     q_len, kv_len = _concrete(site.q_len), _concrete(site.kv_len)
     key = SiteKey(module_path=site.module_path or "", layer=site.layer, seq_len=q_len,
                   kv_len=kv_len, num_heads=site.num_heads, head_dim=site.head_dim)
-    match = spec.match(key)
+    try:
+        match = spec.match(key)
+    except SpecError as e:  # a rule matched but its pattern does not fit this site
+        return None, None, e.problems[0].message
     if match is None:
         return None, None, "no rule matched"
     rule, pattern = match
