@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..spec.patterns import AnyOf, Dense, Pattern, PerHead, Sliding, TopK
 from ..spec.errors import SpecError
+from ..spec.patterns import AnyOf, Dense, Pattern, PerHead, Sliding, TopK
 from ..spec.rules import SiteKey
 from .detect import find_attention
 from .report import Report, SiteReport, log_report, set_last_report
