@@ -8,7 +8,9 @@ per form with the op that anchors it and its matcher; a matcher returns an
 (looked like attention, cannot be replaced: attention weights used elsewhere, dropout in
 training mode, ...) or None (not attention). The hand-written forms differ only in how
 ``q @ k^T`` is spelled (``matmul``/``@``, ``bmm``, ``baddbmm``, ``einsum``); from the scores on
-they share one walk: scale, mask, softmax, casts, dropout, ``@ v``.
+they share one walk: scale, mask, softmax, casts, dropout, ``@ v``. The ``opaque`` form names
+PyTorch's fused modules (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``), which are
+always rejected because their q, k, v never exist as tensors in the graph.
 
 Every site and every rejection bumps ``torch._dynamo.utils.counters["spcompile"]``
 (``detect_<form>`` / ``rejected_<form>``), as Inductor's attention matcher does, and is logged
@@ -38,6 +40,7 @@ from .fxutil import (
     MATMUL,
     MATRIX_T,
     MUL,
+    OPAQUE_ATTENTION,
     PERMUTE,
     SDPA,
     SOFTMAX,
@@ -49,6 +52,7 @@ from .fxutil import (
     arg,
     describe,
     differ,
+    is_attribute,
     is_large_negative,
     ndim,
     norm_dim,
@@ -111,7 +115,13 @@ def find_attention(gm: fx.GraphModule, *, fold_max_elements: int = FOLD_MAX_ELEM
         for form in FORMS:
             if not form.anchor.matches(node):
                 continue
-            found = form.match(node, ctx)
+            try:
+                found = form.match(node, ctx)
+            except Exception as e:  # a matcher bug must not break the user's compile
+                log.warning("spcompile: detecting attention at %s failed", node.format_node(),
+                            exc_info=True)
+                found = _reject(form.name, node, [f"detection failed ({type(e).__name__}: "
+                                                  f"{e})"], (node,))
             if found is None:
                 continue
             ctx.claimed.update(found.nodes)
@@ -167,7 +177,7 @@ class _Scale:
 def match_sdpa(node: fx.Node, ctx: Context) -> Found:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
     enable_gqa)``, q ``[B, H, S, D]`` (or ``[B*H, S, D]``); k/v possibly ``repeat_kv``-ed."""
-    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    q, k, v = arg(node, 0, "query", None), arg(node, 1, "key", None), arg(node, 2, "value", None)
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         return None
     mask = arg(node, 3, "attn_mask", None)
@@ -208,6 +218,24 @@ def match_sdpa(node: fx.Node, ctx: Context) -> Found:
     return _build("sdpa", ctx, anchor=node, q=q, k=k, v=v, output=node, layout=layout,
                   nodes=[node], scale=scale, mask=mask, mask_kind=kind, sdpa_causal=is_causal,
                   problems=problems)
+
+
+_OPAQUE_REASONS = {
+    "multi_head_attention_forward": "nn.MultiheadAttention",
+    "_native_multi_head_attention": "nn.MultiheadAttention's inference fast path",
+    "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's inference fast path",
+}
+
+
+def match_opaque(node: fx.Node, ctx: Context) -> Found:
+    """PyTorch's fused modules reach the graph as one call that projects q, k, v inside, so no
+    q, k, v tensors exist to hand to a kernel: always a Rejected, so that users learn why
+    (torchvision's ViT and nn.TransformerEncoder are built on them)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    what = _OPAQUE_REASONS.get(name, name)
+    return _reject("opaque", node, [f"{what} runs as one opaque {name} call (projections and "
+                                    f"attention inside it); there are no q, k, v tensors to "
+                                    f"rewrite"], (node,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +402,7 @@ def _untranspose(kt: fx.Node, scale: _Scale, ctx: Context
             dims = [norm_dim(d, rank) for d in (varargs(node, 1) or node.kwargs.get("dims", ()))]
             if dims == [*range(rank - 2), rank - 1, rank - 2]:
                 k = node.args[0]
-        elif MATRIX_T.matches(node):
+        elif MATRIX_T.matches(node) or is_attribute(node, "mT"):
             k = node.args[0]
     if not isinstance(k, fx.Node):
         return None, aux, ("the key operand of q @ k^T is not a transposed key "
@@ -734,6 +762,8 @@ FORMS: tuple[Form, ...] = (
     Form("bmm", BMM, match_bmm, "the same with torch.bmm on [B*H, S, D]"),
     Form("baddbmm", BADDBMM, match_baddbmm, "baddbmm(mask or empty, q, k^T, alpha=s) scores"),
     Form("einsum", EINSUM, match_einsum, "einsum scores and einsum / matmul output"),
+    Form("opaque", OPAQUE_ATTENTION, match_opaque,
+         "nn.MultiheadAttention / TransformerEncoderLayer calls: always rejected, with why"),
 )
 """Detection forms in priority order; the first whose anchor matches a node and whose matcher
 returns non-None wins that node."""

@@ -59,11 +59,16 @@ SOFTMAX = _op("softmax", [F.softmax, torch.softmax, torch.special.softmax, torch
               ["softmax"])
 SDPA = _op("scaled_dot_product_attention", [F.scaled_dot_product_attention,
                                             torch._C._nn.scaled_dot_product_attention])
+OPAQUE_ATTENTION = _op("opaque attention", [
+    F.multi_head_attention_forward,  # nn.MultiheadAttention
+    getattr(torch, "_native_multi_head_attention", None),  # its inference fast path
+    getattr(torch, "_transformer_encoder_layer_fwd", None),  # nn.TransformerEncoderLayer's
+])
 TRANSPOSE = _op("transpose", [torch.transpose, torch.swapaxes, torch.swapdims,
                               torch.Tensor.transpose],
                 ["transpose", "swapaxes", "swapdims"])
 PERMUTE = _op("permute", [torch.permute, torch.Tensor.permute], ["permute"])
-MATRIX_T = _op("mT", _aten("mT"), ["mT"])
+MATRIX_T = _op("mT", _aten("mT"), ["mT"])  # and getattr(k, "mT"): see is_attribute
 # In-place spellings count too: ``x *= s`` is ``operator.imul`` (dynamo rebinds ``x`` to it),
 # ``x.mul_(s)`` a method whose result dynamo does not use (see detect._is_in_place).
 MUL = _op("mul", [operator.mul, operator.imul, torch.mul, torch.multiply],
@@ -84,8 +89,6 @@ UNSQUEEZE = _op("unsqueeze", [torch.unsqueeze], ["unsqueeze"])
 GETITEM = _op("getitem", [operator.getitem])
 REPEAT_INTERLEAVE = _op("repeat_interleave", [torch.repeat_interleave], ["repeat_interleave"])
 
-PRODUCTS = (MATMUL, BMM, BADDBMM, EINSUM)
-
 # Ops whose result is random; a subgraph containing one is never constant-folded.
 _RANDOM_NAMES = frozenset({
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
@@ -93,6 +96,13 @@ _RANDOM_NAMES = frozenset({
     "multinomial", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout",
     "empty", "empty_like", "empty_strided", "new_empty",  # uninitialised memory
 })
+
+
+def is_attribute(node: fx.Node, name: str) -> bool:
+    """``x.<name>`` read as an attribute: dynamo in torch 2.11 records ``k.mT`` as
+    ``getattr(k, "mT")``, torch 2.14 as ``aten.mT`` (see :data:`MATRIX_T`)."""
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+        and node.args[1] == name
 
 
 def arg(node: fx.Node, index: int, name: str | None = None, default: Any = _MISSING) -> Any:
@@ -185,10 +195,6 @@ def number(x: Any) -> float | None:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)
     return None
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if tensor_meta(n) is not None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_layer_index(path: str | None, layer: int | None) -> None:
 # --------------------------------------------------------------------------------------------
 # The forms, one test each (test_every_form_has_a_test keeps this list honest)
 
-TESTED_FORMS = {"sdpa", "matmul", "bmm", "baddbmm", "einsum"}
+TESTED_FORMS = {"sdpa", "matmul", "bmm", "baddbmm", "einsum", "opaque"}
 
 
 def test_every_form_has_a_test() -> None:
@@ -221,13 +221,14 @@ def input_mask(kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(SPELLINGS))
 def test_form_matmul(name: str) -> None:
     spelling = SPELLINGS[name]
-    model = M.Stack(M.HandAttention(spelling), M.HandAttention(spelling)).eval()
+    layers = 2 if name == "plain" else 1  # one layer is enough to check a spelling
+    model = M.Stack(*(M.HandAttention(spelling) for _ in range(layers))).eval()
     kind = MASK_KIND.get(spelling.mask)
     mask = input_mask(kind) if kind else None
     found = detect(model, tokens(), mask)
     assert not found.rejected, [r.reason for r in found.rejected]
-    assert [s.module_path for s in found.sites] == ["layers.0.attn", "layers.1.attn"]
-    assert [s.layer for s in found.sites] == [0, 1]
+    assert [s.module_path for s in found.sites] == ["layers.0.attn", "layers.1.attn"][:layers]
+    assert [s.layer for s in found.sites] == [0, 1][:layers]
     for site in found.sites:
         assert site.form == "matmul" and site.layout == "bhsd"
         assert site.q_shape == (M.BATCH, M.HEADS, M.SEQ, M.DIM // M.HEADS)
@@ -286,10 +287,11 @@ def test_form_sdpa(variant: str) -> None:
                           "gqa-enable": {"kv_heads": 2, "gqa": "enable_gqa"}}.get(variant, {})
     mask = {"additive-mask": input_mask("additive"), "bool-mask": input_mask("allow")}.get(
         variant)
-    model = M.Stack(M.SdpaAttention(**kw), M.SdpaAttention(**kw)).eval()
+    layers = 2 if variant == "plain" else 1
+    model = M.Stack(*(M.SdpaAttention(**kw) for _ in range(layers))).eval()
     found = detect(model, tokens(), mask)
     assert not found.rejected
-    assert [s.module_path for s in found.sites] == ["layers.0.attn", "layers.1.attn"]
+    assert [s.module_path for s in found.sites] == ["layers.0.attn", "layers.1.attn"][:layers]
     for site in found.sites:
         assert site.form == "sdpa" and site.nodes == (site.output,)
         assert site.q_shape == (M.BATCH, M.HEADS, M.SEQ, 8)
@@ -368,6 +370,28 @@ def test_form_einsum(layout: str) -> None:
     assert site.q_shape == (M.BATCH, M.HEADS, M.SEQ, 8)
     assert site.scale == pytest.approx(SCALE)
     assert_sdpa_equivalent(found)
+
+
+class _TorchMHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(M.DIM, M.HEADS, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_form_opaque_torch_modules_are_rejected_with_why() -> None:
+    rejected = only_rejection(detect(_TorchMHA().eval(), tokens()))
+    assert rejected.form == "opaque" and rejected.module_path == "attn"
+    assert rejected.reason.startswith("nn.MultiheadAttention runs as one opaque")
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(M.DIM, M.HEADS, 64,
+                                                               batch_first=True), 2,
+                                    enable_nested_tensor=False).eval()
+    found = detect(encoder, tokens())
+    assert not found.sites and len(found.rejected) == 2
+    assert [r.module_path for r in found.rejected] == ["layers.0", "layers.1"]
+    assert all(r.form == "opaque" for r in found.rejected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +544,16 @@ def test_training_mode_dropout_is_rejected() -> None:
     assert len(detect(eval_dropout, tokens()).sites) == 1
 
 
+def _causal_prefix_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q[:, :, -4:], k, v, is_causal=True)
+
+
+def test_sdpa_top_left_causal_is_rejected() -> None:
+    q, k, v = (torch.randn(2, 4, 8, 8) for _ in range(3))
+    rejected = only_rejection(detect(_causal_prefix_queries, q, k, v))
+    assert "is_causal=True with q_len 4 != kv_len 8" in rejected.reason
+
+
 def test_pretransposed_key_is_rejected() -> None:
     q, kt, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     rejected = only_rejection(detect(M.pretransposed_key, q, kt, v))
@@ -563,6 +597,20 @@ def test_detection_leaves_graph_untouched_and_counts() -> None:
     assert counters["spcompile"] == {"detect_matmul": 1, "detect_sdpa": 1, "rejected_matmul": 1}
     all_nodes = [n for s in sites for n in s.nodes] + list(rejected[0].nodes)
     assert len(all_nodes) == len(set(all_nodes))  # no node in two sites
+
+
+def test_a_failing_matcher_becomes_a_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spcompile.passes.detect as detect_module
+
+    def boom(node: fx.Node, ctx: Any) -> None:
+        raise RuntimeError("boom")
+
+    found = detect(M.Stack(M.SdpaAttention()).eval(), tokens())
+    monkeypatch.setattr(detect_module, "FORMS", (detect_module.Form("sdpa", detect_module.SDPA,
+                                                                    boom, "raises"),))
+    sites, rejected = find_attention(found.graphs[0])
+    assert not sites and [r.reason for r in rejected] == [
+        "detection failed (RuntimeError: boom)"]
 
 
 def test_site_scale_defaults_and_describe() -> None:
