@@ -255,7 +255,10 @@ class Folder:
                     env[n] = self._run(n, env)
         except Exception as e:  # any failure only means "not foldable"
             return None, f"could not be evaluated ({type(e).__name__}: {e})"
-        return env[node], None
+        result = env[node]
+        if isinstance(result, torch.Tensor) and result.is_meta:
+            return None, "has no values (meta tensors)"
+        return result, None
 
     def _run(self, n: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if n.op == "get_attr":
@@ -263,13 +266,23 @@ class Folder:
             for part in str(n.target).split("."):
                 obj = getattr(obj, part)
             return obj
-        args = fx.node.map_arg(n.args, lambda a: env[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        args = fx.node.map_aggregate(fx.node.map_arg(n.args, lambda a: env[a]), _off_meta)
+        kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, lambda a: env[a]), _off_meta)
         if n.op == "call_method":
             self_arg, *rest = args
             return getattr(self_arg, str(n.target))(*rest, **kwargs)
         fn: Callable[..., Any] = n.target  # type: ignore[assignment]
         return fn(*args, **kwargs)
+
+
+def _off_meta(x: Any) -> Any:
+    """Fold on the CPU what the graph builds on the meta device (``spcompile inspect`` traces
+    models on meta): a mask made from ``arange`` has the same values wherever it is built."""
+    if isinstance(x, torch.device) and x.type == "meta":
+        return torch.device("cpu")
+    if isinstance(x, str) and x == "meta":
+        return "cpu"
+    return x
 
 
 def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:

@@ -255,6 +255,15 @@ def test_causal_mask_built_in_forward_becomes_is_causal(mask: str) -> None:
     assert_sdpa_equivalent(found)
 
 
+def test_causal_mask_built_on_the_meta_device_is_recognized() -> None:
+    """``spcompile inspect`` traces models on meta: the mask is folded on the CPU instead."""
+    with torch.device("meta"):
+        model = M.Stack(M.HandAttention(M.Spelling(mask="where", mask_source="built"))).eval()
+        x = tokens()
+    (site,) = detect(model, x).sites
+    assert site.is_causal and site.attn_mask is None
+
+
 def test_mask_folding_respects_its_size_budget() -> None:
     model = M.Stack(M.HandAttention(M.Spelling(mask="fill_inf", mask_source="built"))).eval()
     found = detect(model, tokens())
