@@ -55,7 +55,7 @@ class Report:
             what = s.pattern if s.rewritten else f"dense: {s.reason}"
             out.append((s.module_path or "?", s.shape, s.rule or "-", what or "",
                         f"{s.density:.3f}" if s.density is not None else "-",
-                        f"{s.predicted_speedup:.1f}x" if s.predicted_speedup else "-"))
+                        f"{s.predicted_speedup:.2g}x" if s.predicted_speedup else "-"))
         return out
 
     def render(self) -> str:
