@@ -6,6 +6,7 @@
 from .attention import sparse_attention
 from .passes.report import last_report
 from .reference import reference_attention
+from .sim import simulate
 from .spec.errors import SpecError
 from .spec.loading import load_spec
 from .spec.masks import dense_mask
@@ -42,5 +43,6 @@ __all__ = [
     "last_report",
     "load_spec",
     "reference_attention",
+    "simulate",
     "sparse_attention",
 ]

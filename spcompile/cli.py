@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .sim import cli_commands as sim_commands
 from .spec.errors import SpecError
 from .spec.loading import load_spec
 from .spec.patterns import Pattern, TopK
@@ -282,6 +283,10 @@ COMMANDS: tuple[Command, ...] = (
             _explain_arguments, _explain),
     Command("schema", "print the JSON Schema of spec files (for editors)", _schema_arguments,
             _schema),
+    Command("simulate", "predict each rule's kernel time and speedup on a GPU, and why",
+            sim_commands.simulate_arguments, sim_commands.simulate),
+    Command("calibrate", "measure this GPU (or fit result files) into a simulator profile",
+            sim_commands.calibrate_arguments, sim_commands.calibrate),
     Command("demo", "compile a built-in ViT with a neighborhood spec: report, check, predict",
             _demo_arguments, _demo),
 )

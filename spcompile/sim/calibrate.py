@@ -1,0 +1,652 @@
+"""Calibration: fit the kernel coefficients of a profile to measurements, or measure this GPU.
+
+Re-fitting is a command, not a code edit:
+
+    spcompile calibrate --from-results benchmarks/data/*-h100-*.json --device h100 --out X.json
+    spcompile calibrate                      # on a GPU: measure it, fit, write a profile
+
+Measurements come from the benchmark scripts' result files (``benchmarks/run.py`` and
+``benchmarks/tune.py`` write them; rows name a suite row or carry their pattern) or from
+:func:`measure_gpu`, which times dense matmul, copies (HBM and L2), SDPA, launch latency, and our
+kernel on a small suite that separates full tiles (Blocked), partial tiles (sliding windows,
+neighborhoods), short loops (small blocks), permuted layouts (2-D grids) and tile sizes.
+
+The fit: every row's plan is rebuilt and costed by ``model`` exactly as ``simulate`` would. The
+per-launch-configuration efficiency enters a row's time as ``a + b / efficiency``, so for given
+global coefficients (partial extra, per-program overhead, permute cost) each configuration's
+efficiency is a 1-D minimization; the globals are found by coordinate descent over a bounded
+box. The loss is the mean squared log error of kernel time (a 10% miss counts the same at 0.5 ms
+and at 50 ms). Wave quantization and imbalance (the schedule simulation) are refreshed between
+rounds, so the fit and ``simulate`` agree exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..plan.tiles import TilePlan, build_plan
+from ..spec.patterns import Pattern, pattern_from_dict
+from .hardware import KernelCoefficients, LaunchKey, Profile, dtype_name
+from .model import Problem, Workload, launch_cost, workload_from_plan
+
+__all__ = [
+    "FitResult",
+    "Measurement",
+    "fit",
+    "load_results",
+    "measure_gpu",
+    "predict_ms",
+]
+
+#: Problem of the benchmark suite rows when a results file does not record it
+#: (benchmarks/suite.py: "bf16, batch 1, 24 heads, head dim 128 unless a row says otherwise").
+SUITE_PROBLEM = {"batch": 1, "heads": 24, "head_dim": 128, "dtype": "bf16"}
+
+#: Bounds of the global coefficients (the fit's box): partial extra in full tiles, per-program
+#: overhead in microseconds, permuted-load cost in ns per token, gathered-tile extra in full
+#: tiles.
+BOUNDS = {"partial_extra": (0.0, 2.0), "q_tile_overhead_us": (0.0, 30.0),
+          "permute_ns_per_token": (0.0, 10.0), "gather_extra": (0.0, 4.0)}
+EFFICIENCY_RANGE = (0.01, 1.2)
+#: Rows measured faster than this many host times of one call are not fitted: do_bench then
+#: times the CPU building launches (on the H100, 302 us per attn_fwd call; Blocked(128) and
+#: Blocked(256) both measured 0.25 ms).
+HOST_BOUND = 1.25
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed launch of our forward kernel (and SDPA at the same size when known)."""
+
+    id: str
+    pattern: Pattern
+    problem: Problem
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    warps: int
+    stages: int
+    ms: float
+    sdpa_ms: float | None = None
+    source: str = ""
+
+    @property
+    def key(self) -> LaunchKey:
+        return self.workload().key
+
+    @property
+    def label(self) -> str:
+        tiles = "x".join(map(str, self.q_tile)) + "/" + "x".join(map(str, self.kv_tile))
+        return f"{self.id} {tiles} w{self.warps}s{self.stages}"
+
+    def plan(self) -> TilePlan:
+        return build_plan(self.pattern, self.problem.q_len, self.problem.kv_len, self.q_tile,
+                          self.kv_tile)
+
+    def workload(self) -> Workload:
+        return workload_from_plan(self.plan(), self.problem, self.warps, self.stages)
+
+    @property
+    def measured_speedup(self) -> float | None:
+        return None if self.sdpa_ms is None else self.sdpa_ms / self.ms
+
+
+def predict_ms(m: Measurement, profile: Profile) -> float:
+    """The model's kernel time for a measurement's launch, as ``simulate`` computes it."""
+    return launch_cost(m.workload(), profile, m.problem.dtype).kernel_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading result files
+
+
+def load_suite(path: str | Path) -> dict[str, tuple[Pattern, int]]:
+    """``{row id: (pattern, seq_len)}`` from a suite module (benchmarks/suite.py's ``suite()``)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location("_spcompile_suite", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    if not hasattr(module, "suite"):
+        raise ValueError(f"{path}: expected a function suite() returning rows with .id, "
+                         ".pattern and .seq_len")
+    return {row.id: (row.pattern, row.seq_len) for row in module.suite()}
+
+
+def _rows(tree: Any, path: Path) -> list[dict[str, Any]]:
+    if isinstance(tree, list):
+        return tree
+    if isinstance(tree, dict):
+        for key in ("results", "measurements"):
+            if isinstance(tree.get(key), list):
+                return tree[key]
+    raise ValueError(f"{path}: expected a list of rows, or an object with 'results' or "
+                     "'measurements'")
+
+
+def _first(row: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    return None
+
+
+def _tile(value: Any) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def load_results(
+    paths: Iterable[str | Path], suite: str | Path | None = None,
+    launch: tuple[int, int] | str | None = None,
+) -> tuple[list[Measurement], list[str]]:
+    """Measurements from result files, and why each skipped row was skipped.
+
+    A row gives its pattern as a spec tree (``pattern``) or names a suite row (``id``, looked
+    up in ``suite``). Tiles come from ``q_tile``/``kv_tile`` (or ``q``/``kv``), time from
+    ``ours_ms`` or ``ms``, SDPA time from ``sdpa_ms`` or ``ms * speedup``. Rows without
+    ``warps``/``stages`` take ``launch``: a (warps, stages) pair (the first suite run,
+    2026-11-23-h100-fwd-first.json, used 8 warps, 2 stages) or ``"default"``, what
+    ``benchmarks/run.py`` launches (``codegen.fwd.default_config`` for the row's tiles); else
+    they are skipped. ``FILE@8x2`` / ``FILE@default`` sets ``launch`` for one file. A row whose
+    recorded tile bound differs from
+    today's plan was measured on a different plan and is skipped: fitting it would fit a kernel
+    that no longer runs.
+    """
+    known = load_suite(suite) if suite is not None else {}
+    out: list[Measurement] = []
+    skipped: list[str] = []
+    for raw in paths:
+        path, file_launch = _split_launch(str(raw), launch)
+        env_problem = {}
+        tree = json.loads(path.read_text())
+        if isinstance(tree, dict):
+            env_problem = tree.get("problem", {}) or {}
+        for i, row in enumerate(_rows(tree, path)):
+            where = f"{path.name}[{i}] {row.get('id', '?')}"
+            if "error" in row:
+                skipped.append(f"{where}: the run failed ({str(row['error'])[:60]})")
+                continue
+            try:
+                m = _measurement(row, known, env_problem, file_launch, path.name)
+            except (KeyError, ValueError, TypeError) as e:
+                skipped.append(f"{where}: {e}")
+                continue
+            recorded = row.get("tile_bound")
+            if recorded is not None:
+                now = m.plan().tile_bound
+                if abs(now - float(recorded)) > 1e-6 * max(1.0, now):
+                    skipped.append(f"{where}: measured on a different plan (tile bound "
+                                   f"{float(recorded):.2f} then, {now:.2f} now)")
+                    continue
+            out.append(m)
+    return out, skipped
+
+
+def _split_launch(text: str, launch: tuple[int, int] | str | None
+                  ) -> tuple[Path, tuple[int, int] | str | None]:
+    """``FILE@8x2`` / ``FILE@default``: a launch for one file's rows that lack one."""
+    name, at, spec = text.rpartition("@")
+    if not at or Path(text).exists():
+        return Path(text), launch
+    if spec == "default":
+        return Path(name), spec
+    try:
+        warps, stages = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text}: expected FILE@WARPSxSTAGES or FILE@default") from None
+    return Path(name), (warps, stages)
+
+
+def _measurement(row: dict[str, Any], known: dict[str, tuple[Pattern, int]],
+                 env_problem: dict[str, Any], launch: tuple[int, int] | str | None,
+                 source: str) -> Measurement:
+    rid = str(row.get("id", ""))
+    if row.get("pattern") is not None:
+        pattern = pattern_from_dict(row["pattern"])
+        seq_len = _first(row, "q_len", "tokens", "seq_len")
+    elif rid in known:
+        pattern, seq_len = known[rid]
+    else:
+        raise KeyError(f"row {rid!r} has no pattern and is not in the suite (pass --suite)")
+    if seq_len is None:
+        raise KeyError("no sequence length (q_len / tokens)")
+    problem_values = {**SUITE_PROBLEM, **env_problem,
+                      **{k: row[k] for k in SUITE_PROBLEM if k in row}}
+    heads = int(problem_values["heads"])
+    warps, stages = row.get("warps"), row.get("stages")
+    q_tile, kv_tile = _tile(_first(row, "q_tile", "q")), _tile(_first(row, "kv_tile", "kv"))
+    q_len = int(seq_len)
+    if warps is None or stages is None:
+        if launch is None:
+            raise KeyError("no warps/stages recorded (pass --launch WxS or --launch default)")
+        if launch == "default":
+            from ..codegen.fwd import default_config
+
+            config = default_config(build_plan(pattern, q_len, q_len, q_tile, kv_tile))
+            warps, stages = config.num_warps, config.num_stages
+        else:
+            warps, stages = launch
+    ms = _first(row, "ours_ms", "ms")
+    if ms is None:
+        raise KeyError("no kernel time (ours_ms / ms)")
+    sdpa = row.get("sdpa_ms")
+    if sdpa is None and row.get("speedup") is not None:
+        sdpa = float(ms) * float(row["speedup"])
+    kv_len = int(_first(row, "kv_len") or q_len)
+    problem = Problem(int(problem_values["batch"]), heads,
+                      int(row.get("kv_heads", heads)), q_len, kv_len,
+                      int(problem_values["head_dim"]), dtype_name(problem_values["dtype"]))
+    return Measurement(
+        id=rid, pattern=pattern, problem=problem,
+        q_tile=q_tile, kv_tile=kv_tile, warps=int(warps), stages=int(stages), ms=float(ms),
+        sdpa_ms=None if sdpa is None else float(sdpa), source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+
+#: The global coefficients, in profile units, and how each converts to seconds in ``_Row``.
+GLOBALS = ("partial_extra", "q_tile_overhead_us", "permute_ns_per_token", "gather_extra")
+_SECONDS = {"partial_extra": 1.0, "q_tile_overhead_us": 1e-6, "permute_ns_per_token": 1e-9,
+            "gather_extra": 1.0}
+
+
+@dataclass
+class _Row:
+    """What the loss needs of one measurement, with the work split by coefficient."""
+
+    m: Measurement
+    work: Workload
+    weight: float
+    mma: float  # seconds per tile on one SM at efficiency 1
+    ranks: int
+    full: int
+    plain: int  # partial tiles from the lists
+    gathered: int  # gathered tiles summed over ranks
+    scale: float  # copies * occupancy / slots: per-program seconds -> makespan seconds
+    floor_s: float  # memory floor
+    launch_s: float
+    balance: float = 1.0
+
+    def predict_s(self, eff: float, g: dict[str, float]) -> float:
+        """Kernel seconds, the same arithmetic as ``model.tile_times`` / ``launch_cost``."""
+        w = self.work
+        pi, cq = g["partial_extra"], g["q_tile_overhead_us"] * 1e-6
+        lam, gamma = g["permute_ns_per_token"] * 1e-9, g["gather_extra"]
+        mma = self.mma / eff
+        kv_perm = lam * w.key.kv_tokens if w.kv_permuted else 0.0
+        per_rank_overhead = cq + (2 * lam * w.key.q_tokens if w.q_permuted else 0.0)
+        total = (self.ranks * per_rank_overhead + self.full * (mma + kv_perm)
+                 + self.plain * (mma * (1 + pi) + kv_perm)
+                 + self.gathered * (mma * (1 + pi + gamma) + lam * w.key.kv_tokens))
+        return max(total * self.scale * self.balance, self.floor_s) + self.launch_s
+
+
+def _row(m: Measurement, profile: Profile, weight: float) -> _Row:
+    work = m.workload()
+    cost = launch_cost(work, profile, m.problem.dtype)
+    per_sm = profile.peak(m.problem.dtype) / profile.num_sms
+    plain = work.partial - work.gathered
+    return _Row(
+        m=m, work=work, weight=weight, mma=work.tile_flops / per_sm, ranks=work.full.numel(),
+        full=int(work.full.sum()), plain=int(plain.sum()),
+        gathered=work.gathered * work.full.numel(),
+        scale=work.copies * cost.occupancy / cost.slots,
+        floor_s=max(cost.l2_ms, cost.hbm_ms) * 1e-3, launch_s=cost.launch_ms * 1e-3,
+    )
+
+
+def _active(rows: Sequence[_Row]) -> list[str]:
+    """The global coefficients the rows can tell anything about (the rest keep the base's)."""
+    out = ["q_tile_overhead_us"]
+    if any(r.plain or r.gathered for r in rows):
+        out.append("partial_extra")
+    if any(r.work.q_permuted or r.work.kv_permuted or r.gathered for r in rows):
+        out.append("permute_ns_per_token")
+    if any(r.gathered for r in rows):
+        out.append("gather_extra")
+    return [name for name in GLOBALS if name in out]
+
+
+def _golden(f: Callable[[float], float], lo: float, hi: float, iters: int = 48) -> float:
+    """Minimum of a unimodal-ish ``f`` on [lo, hi] by golden-section search."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+@dataclass
+class FitResult:
+    """Fitted coefficients, and how well they explain the rows they came from."""
+
+    coefficients: KernelCoefficients
+    fitted: list[tuple[Measurement, float]]  # (measurement, predicted ms)
+    held_out: list[Measurement]
+    skipped: list[str]
+
+    @property
+    def rms_log_error(self) -> float:
+        errs = [math.log(p / m.ms) ** 2 for m, p in self.fitted]
+        return math.sqrt(sum(errs) / len(errs)) if errs else 0.0
+
+
+def fit(
+    measurements: Sequence[Measurement], base: Profile, hold_out: Iterable[str] = (),
+    sources: Sequence[str] = (), skipped: Sequence[str] = (),
+) -> FitResult:
+    """Fit ``base``'s kernel coefficients to ``measurements`` (rows whose id is in
+    ``hold_out`` are left out, for checking). Hardware figures of ``base`` are kept.
+
+    Each source file weighs the same in the loss, however many rows it has, so that an
+    80-configuration sweep of an older kernel does not drown a 12-row run of the current one.
+    """
+    held = set(hold_out)
+    skipped = list(skipped)
+    limit = HOST_BOUND * base.kernel.host_us * 1e-3
+    used = []
+    for m in measurements:
+        if m.id in held:
+            continue
+        if m.ms < limit:
+            skipped.append(f"{m.source} {m.label}: {m.ms:.3f} ms is within {HOST_BOUND}x the "
+                           f"host time of one call ({base.kernel.host_us:.0f} us): the CPU, not "
+                           "the kernel, may have set the pace")
+            continue
+        used.append(m)
+    if not used:
+        raise ValueError("fit: no measurements left after holding out " + ", ".join(held))
+    per_file = {src: sum(m.source == src for m in used) for src in {m.source for m in used}}
+    start = dataclasses.replace(base.kernel, efficiency={str(m.key): 0.4 for m in used})
+    profile = dataclasses.replace(base, kernel=start, calibrated=True, kernel_from=None)
+    rows = [_row(m, profile, 1.0 / per_file[m.source]) for m in used]
+    total_weight = sum(r.weight for r in rows)
+    by_key: dict[str, list[_Row]] = {}
+    for r in rows:
+        by_key.setdefault(str(r.m.key), []).append(r)
+    active = _active(rows)
+
+    def config_loss(group: list[_Row], log_eff: float, g: dict[str, float]) -> float:
+        eff = math.exp(log_eff)
+        return sum(r.weight * math.log(r.predict_s(eff, g) / (r.m.ms * 1e-3)) ** 2
+                   for r in group)
+
+    def best_effs(g: dict[str, float]) -> tuple[float, dict[str, float]]:
+        total, effs = 0.0, {}
+        lo, hi = (math.log(x) for x in EFFICIENCY_RANGE)
+        for key, group in by_key.items():
+            x = _golden(lambda le, group=group: config_loss(group, le, g), lo, hi)
+            effs[key] = math.exp(x)
+            total += config_loss(group, x, g)
+        return total / total_weight, effs
+
+    def loss(g: dict[str, float]) -> float:
+        return best_effs(g)[0]
+
+    current = {name: getattr(base.kernel, name) for name in GLOBALS}
+    seeds = {"partial_extra": (0.0, 0.25, 0.5), "q_tile_overhead_us": (0.0, 2.0, 6.0),
+             "permute_ns_per_token": (0.0, 1.0, 3.0), "gather_extra": (0.0, 0.5, 1.0)}
+    grid = [dict(current, **dict(zip(active, values, strict=True)))
+            for values in itertools.product(*(seeds[name] for name in active))]
+    current = min(grid, key=loss)
+    for _ in range(3):  # rounds: coordinates, then the schedule simulation again
+        for _ in range(3):
+            for name in active:
+                lo, hi = BOUNDS[name]
+
+                def along(x: float, name: str = name, at: dict = current) -> float:
+                    return loss(dict(at, **{name: x}))
+
+                x = _golden(along, lo, hi, iters=32)
+                if along(x) < loss(current) - 1e-12:
+                    current = dict(current, **{name: x})
+        _, effs = best_effs(current)
+        profile = dataclasses.replace(profile, kernel=_coefficients(start, current, effs))
+        for r in rows:
+            r.balance = launch_cost(r.work, profile, r.m.problem.dtype).balance
+    _, effs = best_effs(current)
+    coefficients = _coefficients(start, current, effs)
+    coefficients = dataclasses.replace(coefficients, **_sdpa_rates(used, base))
+    profile = dataclasses.replace(profile, kernel=coefficients)
+    fitted = [(m, predict_ms(m, profile)) for m in used]
+    result = FitResult(coefficients, fitted, [m for m in measurements if m.id in held],
+                       skipped)
+    problems = {(m.problem.head_dim, m.problem.dtype) for m in used}
+    info: dict[str, Any] = {
+        "files": list(sources),
+        "rows": len(used),
+        "held_out": sorted(held),
+        "fitted": active,
+        "rms_log_error": round(result.rms_log_error, 4),
+        "skipped": skipped,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if len(problems) == 1:
+        info["head_dim"], info["dtype"] = next(iter(problems))
+    result.coefficients = dataclasses.replace(coefficients, fit=info)
+    return result
+
+
+def _coefficients(start: KernelCoefficients, g: dict[str, float], effs: dict[str, float]
+                  ) -> KernelCoefficients:
+    return dataclasses.replace(
+        start, efficiency={k: round(v, 4) for k, v in effs.items()},
+        **{name: round(g[name], 4) for name in GLOBALS})
+
+
+def _sdpa_rates(rows: Sequence[Measurement], base: Profile) -> dict[str, Any]:
+    """Median measured SDPA TFLOP/s per dtype, overall and per key length."""
+    by_len: dict[str, dict[int, list[float]]] = {}
+    for m in rows:
+        if m.sdpa_ms is None:
+            continue
+        rate = m.problem.dense_flops / (m.sdpa_ms * 1e-3) / 1e12
+        by_len.setdefault(m.problem.dtype, {}).setdefault(m.problem.kv_len, []).append(rate)
+    if not by_len:
+        return {}
+    typical = {d: round(statistics.median([r for v in t.values() for r in v]), 1)
+               for d, t in by_len.items()}
+    table = {d: {str(n): round(statistics.median(v), 1) for n, v in sorted(t.items())}
+             for d, t in by_len.items()}
+    merged = {d: {**base.kernel.sdpa_tflops_by_kv_len.get(d, {}), **table.get(d, {})}
+              for d in {*base.kernel.sdpa_tflops_by_kv_len, *table}}
+    return {"sdpa_tflops": {**base.kernel.sdpa_tflops, **typical},
+            "sdpa_tflops_by_kv_len": merged}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring this GPU
+
+
+def _bench(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (triton's do_bench, as the benchmarks use)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+#: The kernel rows ``measure_gpu`` times. Each launch configuration the kernel uses by default
+#: gets long loops, short loops (2-4 tiles: the per-program overhead) and, for 1-D tiles, partial
+#: tiles; the N-d configuration (128x128 tiles) also runs 1-D blocks, so that the permuted-load
+#: cost is told apart from the configuration's efficiency.
+def calibration_suite() -> list[tuple[str, Pattern, int, tuple[int, ...] | None]]:
+    from ..spec.patterns import Blocked, Neighborhood, Sliding
+
+    na = (128, 128)
+    return [
+        ("blk1024", Blocked(block=1024), 16384, None),
+        ("blk256", Blocked(block=256), 16384, None),
+        ("blk128", Blocked(block=128), 16384, None),
+        ("sw1024", Sliding(left=1024, right=1024), 16384, None),
+        ("csw2048", Sliding(window=2048, causal=True), 16384, None),
+        ("blk1024-kv128", Blocked(block=1024), 16384, (128,)),
+        ("blk256-kv128", Blocked(block=256), 16384, (128,)),
+        ("na2d31", Neighborhood(shape=na, window=31), 16384, None),
+        ("gna2d", Neighborhood(shape=na, window=32, stride=16), 16384, None),
+        ("gna2d64", Neighborhood(shape=na, window=64, stride=16), 16384, None),
+        ("blk2d16", Neighborhood(shape=na, window=16, stride=16), 16384, None),
+        ("blk1024-q64", Blocked(block=1024), 16384, (64,)),
+        ("blk256-q64", Blocked(block=256), 16384, (64,)),
+    ]
+
+
+def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: int = 128
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure the visible GPU: (hardware figures, kernel result rows in the results format)."""
+    import torch.nn.functional as F
+
+    from ..codegen.fwd import attn_fwd, default_config
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("calibrate needs a CUDA GPU (or --from-results FILE)")
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    name = torch.cuda.get_device_name(dev)
+    say(f"measuring {name}")
+    hw: dict[str, Any] = {"name": name, "num_sms": props.multi_processor_count,
+                          "l2_mb": round(getattr(props, "L2_cache_size", 0) / 1e6, 1)}
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+    if smem:
+        hw["smem_per_sm_kb"] = smem / 1024
+    threads = getattr(props, "max_threads_per_multi_processor", 0)
+    if threads:
+        hw["max_warps_per_sm"] = threads // 32
+
+    matmul: dict[str, float] = {}
+    for dtype, torch_dtype, n in (("bf16", torch.bfloat16, 8192), ("fp16", torch.float16, 8192),
+                                  ("fp32", torch.float32, 4096)):
+        a = torch.randn(n, n, device=dev, dtype=torch_dtype)
+        b = torch.randn(n, n, device=dev, dtype=torch_dtype)
+        allow = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # our fp32 kernel runs ieee fp32
+        try:
+            ms = _bench(lambda a=a, b=b: a @ b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+        matmul[dtype] = round(2 * n**3 / (ms * 1e-3) / 1e12, 1)
+        del a, b
+    hw["matmul_tflops"] = matmul
+    say(f"  matmul TFLOP/s: {matmul}")
+
+    big = torch.empty(1 << 29, dtype=torch.uint8, device=dev)  # 512 MiB, far beyond L2
+    dst = torch.empty_like(big)
+    ms = _bench(lambda big=big, dst=dst: dst.copy_(big))
+    hw["hbm_gbps"] = round(2 * big.numel() / (ms * 1e-3) / 1e9)
+    del big, dst
+    from .l2probe import l2_read_gbps
+
+    hw["l2_gbps"] = round(l2_read_gbps(int(hw["l2_mb"] * 1e6), hw["num_sms"], _bench))
+    say(f"  GB/s: HBM copy {hw['hbm_gbps']}, L2 read {hw['l2_gbps']}")
+
+    from ..spec.patterns import Dense
+
+    tiny = torch.zeros(16, device=dev)
+    hw["launch_us"] = round(_bench(lambda: tiny.add_(1)) * 1e3, 1)
+    small = torch.randn(1, 1, 128, head_dim, device=dev, dtype=torch.bfloat16)
+    plan = build_plan(Dense(), 128, 128, (128,), (64,))
+    attn_fwd(small, small, small, plan)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(200):
+        attn_fwd(small, small, small, plan)
+    hw["host_us"] = round((time.perf_counter() - start) / 200 * 1e6, 1)
+    torch.cuda.synchronize()
+    say(f"  launch (tiny kernel) {hw['launch_us']} us; host time of one attn_fwd call "
+        f"{hw['host_us']} us")
+
+    sdpa: dict[str, float] = {}
+    by_len: dict[str, float] = {}
+    for dtype, torch_dtype, lengths in (("bf16", torch.bfloat16, (16384, 65536, 131072)),
+                                        ("fp16", torch.float16, (16384,))):
+        for s in lengths:
+            q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch_dtype)
+                       for _ in range(3))
+            ms = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+            rate = round(4 * heads * s**2 * head_dim / (ms * 1e-3) / 1e12, 1)
+            if dtype == "bf16":
+                by_len[str(s)] = rate
+            sdpa.setdefault(dtype, rate)
+            del q, k, v
+    hw["sdpa_tflops"] = sdpa
+    hw["sdpa_tflops_by_kv_len"] = {"bf16": by_len}
+    say(f"  SDPA TFLOP/s: {sdpa}; bf16 by key length: {by_len}")
+
+    rows: list[dict[str, Any]] = []
+    sdpa_at: dict[int, float] = {}
+    for rid, pattern, s, tile in calibration_suite():
+        q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
+                   for _ in range(3))
+        if s not in sdpa_at:
+            sdpa_at[s] = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        plan = build_plan(pattern, s, s, tile, tile, head_dim=head_dim)
+        config = default_config(plan)
+        attn_fwd(q, k, v, plan, config=config)
+        ms = _bench(lambda q=q, k=k, v=v, p=plan, c=config: attn_fwd(q, k, v, p, config=c))
+        row = {"id": rid, "pattern": pattern.to_dict(), "tokens": s, "q_tile": plan.q_tile,
+               "kv_tile": plan.kv_tile, "warps": config.num_warps,
+               "stages": config.num_stages, "ms": ms, "sdpa_ms": sdpa_at[s],
+               "speedup": sdpa_at[s] / ms, "tile_bound": plan.tile_bound, "batch": 1,
+               "heads": heads, "head_dim": head_dim, "dtype": "bf16"}
+        rows.append(row)
+        say(f"  {rid:12s} q {plan.q_tile} kv {plan.kv_tile} w{config.num_warps}"
+            f"s{config.num_stages}: {ms:.3f} ms ({row['speedup']:.2f}x over SDPA)")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return hw, rows
+
+
+def profile_from_measurements(hw: dict[str, Any], base: Profile | None, name: str) -> Profile:
+    """A profile with this GPU's measured figures, datasheet peaks from ``base`` if it is the
+    same GPU, else the measured matmul rates as peaks (efficiencies are then relative to
+    them)."""
+    same = base is not None and any(a.lower() in hw["name"].lower() for a in base.aliases)
+    peak = dict(base.peak_tflops) if same and base is not None else dict(hw["matmul_tflops"])
+    sources = dict(base.sources) if same and base is not None else {
+        "peak_tflops": "measured GEMM rates (no datasheet profile matched this GPU)"}
+    sources.update({k: f"measured by spcompile calibrate, {time.strftime('%Y-%m-%d')}"
+                    for k in ("hbm_gbps", "l2_gbps", "launch_us", "matmul_tflops", "host_us")})
+    kernel = base.kernel if base is not None else KernelCoefficients(
+        {}, 0.0, 0.0, 0.0, {})
+    kernel = dataclasses.replace(kernel, sdpa_tflops=hw["sdpa_tflops"],
+                                 sdpa_tflops_by_kv_len=hw.get("sdpa_tflops_by_kv_len", {}),
+                                 host_us=float(hw.get("host_us", 0.0)))
+    template = base
+    return Profile(
+        name=name, description=hw["name"], num_sms=int(hw["num_sms"]), peak_tflops=peak,
+        hbm_gbps=float(hw["hbm_gbps"]), l2_gbps=float(hw["l2_gbps"]),
+        l2_mb=float(hw["l2_mb"] or (template.l2_mb if template else 0)),
+        smem_per_sm_kb=float(hw.get("smem_per_sm_kb") or
+                             (template.smem_per_sm_kb if template else 228)),
+        max_warps_per_sm=int(hw.get("max_warps_per_sm") or 64),
+        launch_us=float(hw["launch_us"]), kernel=kernel, calibrated=True,
+        aliases=(hw["name"],), matmul_tflops=dict(hw["matmul_tflops"]), sources=sources,
+    )

@@ -1,0 +1,440 @@
+"""The simulator: NATTEN's published bounds, the cost model's parts, profiles, reports, the fit,
+the command line, and predicted against measured speedups on the H100.
+
+Accuracy (``test_h100_predictions_match_measurements``): ``spcompile/sim/profiles/h100.json`` was
+fitted with
+
+    spcompile calibrate --device h100 --hold-out sw32k,na3d,csw32k,flux_gna,hunyuan_na \\
+        --from-results benchmarks/data/2026-11-23-h100-fwd-first.json@8x2 \\
+        benchmarks/data/2026-11-23-h100-tune.json benchmarks/data/2026-11-23-h100-tune-tma.json \\
+        benchmarks/data/2026-11-23-h100-fwd-1d-tma.json@default \\
+        benchmarks/data/2026-11-23-h100-final.json@default \\
+        benchmarks/data/2026-11-23-h100-calibrate-1.json \\
+        benchmarks/data/2026-11-23-h100-calibrate-2.json --out spcompile/sim/profiles/h100.json
+
+Held out of that fit: every row (all configurations) of sw32k, na3d, csw32k, flux_gna and
+hunyuan_na, and the whole of ``2026-11-23-h100-fwd-defaults.json`` (a full suite run at the
+current default tiles and launches, never fitted). The test checks every default-launch row
+(1-D: q128/kv64, 4 warps, 2 stages; N-d: q128/kv128, 8 warps, 3 stages) within 15% of the
+measured speedup, held out or not; the other launch configurations (a sweep, partly of the
+kernel before TMA loads) are reported, and held to what is true of them: median error under
+10%, none beyond 50%.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import spcompile as sp
+from spcompile.cli import main
+from spcompile.plan.tiles import build_plan
+from spcompile.sim import SimReport, builtin_profiles, load_profile, simulate
+from spcompile.sim.calibrate import HOST_BOUND, Measurement, fit, load_results, predict_ms
+from spcompile.sim.hardware import LaunchKey
+from spcompile.sim.model import Problem, dense_sdpa_ms, launch_cost, makespan, workload_from_plan
+from spcompile.sim.report import tile_map_image
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "benchmarks" / "data"
+SUITE = ROOT / "benchmarks" / "suite.py"
+VALIDATION = "2026-11-23-h100-fwd-defaults.json@default"
+DEFAULT_LAUNCH = {1: (128, 64, 4, 2), 2: (128, 128, 8, 3), 3: (128, 128, 8, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# NATTEN's analysis (GNA paper, Table/figures; NATTEN docs)
+
+
+@pytest.mark.parametrize(("pattern", "q_tile", "kv_tile", "flop", "tile", "sparse"), [
+    (sp.Neighborhood(shape=(32768,), window=2048), 256, 128, 16.0, 14.32, False),
+    (sp.Neighborhood(shape=(32768,), window=2048, stride=256), 256, 128, 16.0, 16.0, True),
+    (sp.Neighborhood(shape=(256, 256), window=80), (16, 8), (16, 8), 10.24, 7.51, False),
+    (sp.Neighborhood(shape=(256, 256), window=80, stride=16), (16, 8), (16, 8), 10.24, 10.24,
+     True),
+    (sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24)), (2, 8, 8), (2, 8, 8), 11.11,
+     5.44, False),
+    (sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24), stride=(16, 8, 8)), (2, 8, 8),
+     (2, 8, 8), 11.11, 11.11, True),
+])
+def test_natten_bounds(pattern, q_tile, kv_tile, flop, tile, sparse):
+    r = simulate(pattern, q_tile=q_tile, kv_tile=kv_tile)
+    assert r.flop_bound == pytest.approx(flop, abs=0.01)
+    assert r.tile_bound == pytest.approx(tile, abs=0.01)
+    assert r.block_sparse is sparse
+    assert all(a.block_sparse for a in r.axes) is sparse
+    assert (r.num_partial == 0) is sparse
+
+
+def test_axis_verdicts_name_the_failing_condition():
+    flux = simulate(sp.Neighborhood(shape=(256, 256), window=80), q_tile=(16, 8), kv_tile=(16, 8))
+    assert "stride 1 is not a multiple of the q tile side 16" in flux.axes[0].reason
+    assert "not on kv tile boundaries" in flux.axes[1].reason
+    gna = simulate(sp.Neighborhood(shape=(256, 256), window=80, stride=16), q_tile=(16, 8),
+                   kv_tile=(16, 8))
+    assert "window 80 % kv tile 16 == 0" in gna.axes[0].reason
+    odd = simulate(sp.Neighborhood(shape=(128, 128), window=31, stride=16), q_tile=(8, 16),
+                   kv_tile=(8, 16))
+    assert "window 31 is not a multiple of the kv tile side 8" in odd.axes[0].reason
+    band = simulate(sp.Sliding(left=512, right=512), 8192)
+    assert not band.block_sparse and "moves with every query" in band.axes[0].reason
+    blocks = simulate(sp.Blocked(block=96), 8192, q_tile=128, kv_tile=64)
+    assert "block 96 is not a multiple of the q tile 128" in blocks.axes[0].reason
+    assert simulate(sp.Blocked(block=1024), 8192).block_sparse
+
+
+def test_report_carries_the_plan_it_costed():
+    pattern = sp.Sliding(window=4096, causal=True)
+    r = simulate(pattern, 32768)
+    plan = build_plan(pattern, 32768, 32768)
+    assert (r.q_tile, r.kv_tile) == (plan.q_tile, plan.kv_tile)
+    assert (r.num_full, r.num_partial) == (plan.num_full, plan.num_partial)
+    assert r.tile_bound == plan.tile_bound
+    assert r.launch == "q128-kv64-w4-s2" and r.programs == plan.num_q_tiles * 24
+    assert r.predicted_speedup == pytest.approx(r.sdpa_ms / r.predicted_ms)
+    assert r.permutation_bytes == 0 and "none" in r.permutation
+    grid = simulate(sp.Neighborhood(shape=(64, 64), window=15))
+    assert grid.permutation_bytes == 0 and "fused" in grid.permutation
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model's parts
+
+
+def test_makespan_is_the_greedy_schedule():
+    """The vectorized dispatch equals a heap of slots fed one program at a time."""
+    torch.manual_seed(0)
+    for slots, copies in ((7, 3), (132, 24), (264, 5)):
+        durations = torch.sort(torch.randint(1, 40, (60,)).double(), descending=True).values
+        durations[::5] = durations[::5] * 1.5  # not strictly longest-first either
+        heap = [0.0] * slots
+        for x in durations.tolist():
+            for _ in range(copies):
+                heapq.heapreplace(heap, heap[0] + x)
+        assert makespan(durations, copies, slots) == pytest.approx(max(heap))
+
+
+def test_occupancy_and_launch_costs():
+    h100 = load_profile("h100")
+    # 128x64 tiles, 2 stages: 96 KB of shared memory, twice per SM; 3 stages: once.
+    assert h100.occupancy(128, 64, 128, 128, 2, 4, 2) == 2
+    assert h100.occupancy(128, 64, 128, 128, 2, 4, 3) == 1
+    assert h100.occupancy(128, 128, 128, 128, 2, 8, 3) == 1
+    problem = Problem(1, 24, 24, 16384, 16384, 128, "bf16")
+    plan = build_plan(sp.Blocked(block=1024), 16384, 16384, 128, 64)
+    cost = launch_cost(workload_from_plan(plan, problem, 4, 2), h100, "bf16")
+    assert cost.occupancy == 2 and cost.slots == 264 and cost.programs == 128 * 24
+    assert cost.kernel_ms == pytest.approx(max(cost.compute_ms, cost.l2_ms, cost.hbm_ms)
+                                           + cost.launch_ms)
+    assert cost.balance >= 1.0
+    # Dense SDPA: 4 B H S^2 D FLOPs at the measured rate.
+    rate = h100.sdpa_rate("bf16", 16384)
+    assert dense_sdpa_ms(problem, h100) == pytest.approx(4 * 24 * 16384**2 * 128 / rate * 1e3)
+
+
+def test_every_builtin_profile_loads_and_simulates():
+    names = builtin_profiles()
+    assert {"h100", "h200", "b200", "a100", "l40s"} <= set(names)
+    pattern = sp.Neighborhood(shape=(64, 64), window=16, stride=8)
+    for name in names:
+        profile = load_profile(name)
+        assert profile.num_sms > 0 and all(profile.peak_tflops[d] > 0 for d in
+                                           ("bf16", "fp16", "fp32"))
+        r = simulate(pattern, device=name)
+        assert r.device == name and r.predicted_speedup > 0
+        assert r.calibrated == profile.calibrated
+        if not profile.calibrated:
+            assert any("uncalibrated" in n for n in r.notes)
+    assert load_profile("h100").calibrated
+    b200 = simulate(pattern, device="b200")
+    assert b200.sdpa_ms < simulate(pattern, device="h100").sdpa_ms  # faster datasheet
+
+
+def test_unknown_device_and_bad_arguments_say_what_was_expected():
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'.*h100"):
+        simulate(sp.Blocked(block=64), 1024, device="tpu")
+    with pytest.raises(ValueError, match="q_len is needed for a Sliding"):
+        simulate(sp.Sliding(window=64))
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        simulate(sp.Blocked(block=64), 1024, heads=6, kv_heads=4)
+    with pytest.raises(ValueError, match="dtype among bf16"):
+        simulate(sp.Blocked(block=64), 1024, dtype="int8")
+
+
+def test_profile_by_path(tmp_path):
+    profile = load_profile("h100")
+    path = profile.write(tmp_path / "mine.json")
+    r = simulate(sp.Blocked(block=256), 4096, device=str(path))
+    assert r.predicted_ms == pytest.approx(simulate(sp.Blocked(block=256), 4096).predicted_ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# PerHead, TopK, dense
+
+
+def test_per_head_sums_its_launches():
+    pattern = sp.PerHead({range(0, 2): sp.Dense(),
+                          range(2, 8): sp.Sliding(window=512, causal=True)})
+    r = simulate(pattern, 8192, heads=8)
+    assert [g.label for g in r.groups] == ["heads 0-1", "heads 2-7"]
+    assert [g.heads for g in r.groups] == [2, 6]
+    assert r.predicted_ms == pytest.approx(sum(g.predicted_ms for g in r.groups))
+    pairs = sum(g.heads * 8192**2 / g.flop_bound for g in r.groups)
+    assert r.flop_bound == pytest.approx(8 * 8192**2 / pairs)
+    assert not r.block_sparse
+
+
+def test_topk_expected_tiles_and_estimation():
+    r = simulate(sp.TopK(block=64, k=16, sink=1, local=2), 65536)
+    # Forced blocks: sink {0} and local {r-1, r}; they overlap for query blocks 0 and 1.
+    visited = (1 + 16) + (2 + 16) + 1022 * 19
+    assert r.num_full + r.num_partial == visited
+    assert r.tile_bound == pytest.approx(1024**2 / visited)
+    assert r.flop_bound == pytest.approx(1024**2 / visited)  # ~53.9x, as TARGETS.md says
+    assert r.estimation_ms > 0 and r.predicted_ms == pytest.approx(r.kernel_ms + r.estimation_ms)
+    assert "read once" in r.estimation and r.block_sparse
+    causal = simulate(sp.TopK(block=64, k=16, sink=1, local=2, causal=True), 65536)
+    assert causal.num_partial == 1024 and not causal.block_sparse
+    assert causal.num_full + causal.num_partial == sum(min(r + 1, 19) for r in range(1024))
+
+
+def test_dense_site_is_sdpa():
+    r = simulate(sp.Dense(), 4096)
+    assert r.predicted_speedup == 1.0 and r.flop_bound == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def test_json_round_trip():
+    for report in (simulate(sp.Neighborhood(shape=(64, 64), window=15)),
+                   simulate(sp.PerHead({"0-1": sp.Dense(), "2-3": sp.Blocked(block=256)}), 2048,
+                            heads=4),
+                   simulate(sp.TopK(block=64, k=4), 4096)):
+        text = report.to_json()
+        back = SimReport.from_json(text)
+        assert back == report
+        assert json.loads(back.to_json()) == json.loads(text)
+    with pytest.raises(ValueError, match="unknown keys"):
+        SimReport.from_dict({**report.to_dict(), "bogus": 1})
+
+
+def test_table_and_plain_text():
+    r = simulate(sp.Neighborhood(shape=(256, 256), window=80))
+    text = r.render()
+    for label in ("FLOP bound", "tile bound", "block-sparse", "axis 0", "predicted",
+                  "dense SDPA", "speedup", "permutation"):
+        assert label in text
+    assert f"{r.predicted_speedup:.2f}x" in text.splitlines()[0]
+    from rich.console import Console
+
+    console = Console(record=True, width=160, force_terminal=True)
+    console.print(r.table())
+    assert "tile bound" in console.export_text()
+
+
+def test_tile_map_image_downsamples():
+    states = torch.zeros(1000, 700, dtype=torch.int8)
+    states[:, :350] = 2
+    image, factor = tile_map_image(states, cells=256)
+    assert factor == 4 and image.shape == (250, 175, 3)
+    assert float(image[:, :80, 2].mean()) < 0.7 < float(image[:, 100:, 2].mean())
+
+
+def test_plot(tmp_path):
+    r = simulate(sp.Neighborhood(shape=(64, 64), window=15))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModuleNotFoundError, match="needs matplotlib"):
+            r.plot(tmp_path / "tiles.png")
+        return
+    path = r.plot(tmp_path / "tiles.png")
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no tile map"):
+        simulate(sp.TopK(block=64, k=4), 4096).plot(tmp_path / "topk.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_fit_recovers_known_coefficients():
+    """Rows timed by a known profile: the fit finds its efficiencies and coefficients again."""
+    import dataclasses
+
+    truth = load_profile("h100")
+    truth = dataclasses.replace(truth, kernel=dataclasses.replace(
+        truth.kernel, efficiency={"q128-kv64-w4-s2": 0.45}, partial_extra=0.3,
+        q_tile_overhead_us=3.0, permute_ns_per_token=0.0, gather_extra=0.0))
+    problem = Problem(1, 8, 8, 8192, 8192, 128, "bf16")
+    rows = []
+    for i, pattern in enumerate([sp.Blocked(block=1024), sp.Blocked(block=256),
+                                 sp.Sliding(left=700, right=300), sp.Sliding(window=2000,
+                                                                             causal=True)]):
+        m = Measurement(f"r{i}", pattern, problem, (128,), (64,), 4, 2, ms=1.0)
+        rows.append(dataclasses.replace(m, ms=predict_ms(m, truth)))
+    base = dataclasses.replace(truth, kernel=dataclasses.replace(truth.kernel, host_us=0.0))
+    result = fit(rows, base)
+    k = result.coefficients
+    assert k.efficiency["q128-kv64-w4-s2"] == pytest.approx(0.45, rel=0.02)
+    assert k.partial_extra == pytest.approx(0.3, abs=0.05)
+    assert k.q_tile_overhead_us == pytest.approx(3.0, abs=0.5)
+    assert result.rms_log_error < 0.01
+    assert set(k.fit["fitted"]) == {"partial_extra", "q_tile_overhead_us"}  # nothing permuted
+
+
+def test_load_results_explains_what_it_skips(tmp_path):
+    rows = [
+        {"id": "ok", "pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q_tile": [128],
+         "kv_tile": [64], "warps": 4, "stages": 2, "ms": 0.5, "sdpa_ms": 2.0},
+        {"id": "stale", "pattern": {"blocked": {"block": 1024}}, "tokens": 4096,
+         "q_tile": [128], "kv_tile": [64], "warps": 4, "stages": 2, "ms": 0.5,
+         "tile_bound": 3.0},
+        {"id": "nolaunch", "pattern": {"blocked": {"block": 1024}}, "tokens": 4096,
+         "q_tile": [128], "kv_tile": [64], "ms": 0.5},
+        {"id": "broken", "error": "OOM"},
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"results": rows}))
+    got, skipped = load_results([path])
+    assert [m.id for m in got] == ["ok"] and got[0].measured_speedup == 4.0
+    text = "\n".join(skipped)
+    assert "different plan (tile bound 3.00 then, 4.00 now)" in text
+    assert "no warps/stages recorded" in text and "the run failed" in text
+    got, _ = load_results([f"{path}@default"])
+    assert sorted(m.id for m in got) == ["nolaunch", "ok"]
+    assert got[1].key == LaunchKey(128, 64, 4, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicted vs measured on the H100
+
+
+def _accuracy_rows() -> tuple[list[tuple[str, Measurement, float]], list[str]]:
+    profile = load_profile("h100")
+    files = [str(ROOT / f) for f in profile.kernel.fit["files"]] + [str(DATA / VALIDATION)]
+    measurements, skipped = load_results(files, suite=SUITE)
+    held = set(profile.kernel.fit["held_out"])
+    out = []
+    for m in measurements:
+        kind = ("validation" if VALIDATION.split("@")[0] == m.source
+                else "held out" if m.id in held else "fit")
+        predicted = dense_sdpa_ms(m.problem, profile) / predict_ms(m, profile)
+        out.append((kind, m, predicted))
+    return out, skipped
+
+
+def _is_default(m: Measurement) -> bool:
+    key = m.key
+    return (key.q_tokens, key.kv_tokens, key.warps, key.stages) == DEFAULT_LAUNCH[len(m.q_tile)]
+
+
+def test_h100_predictions_match_measurements():
+    rows, skipped = _accuracy_rows()
+    host_ms = load_profile("h100").kernel.host_us * 1e-3
+    lines = [f"{'set':10s} {'source':38s} {'row':36s} {'meas x':>7s} {'pred x':>7s} {'err':>7s}"]
+    default_errors, other_errors = [], []
+    for kind, m, predicted in rows:
+        err = predicted / m.measured_speedup - 1
+        host_bound = m.ms < HOST_BOUND * host_ms
+        lines.append(f"{kind:10s} {m.source:38s} {m.label:36s} {m.measured_speedup:7.2f} "
+                     f"{predicted:7.2f} {err:+7.1%}" + ("  host-bound" if host_bound else "")
+                     + ("  default" if _is_default(m) else ""))
+        if host_bound:
+            continue  # do_bench timed the CPU building launches, not the kernel
+        (default_errors if _is_default(m) else other_errors).append((abs(err), m.label))
+    table = "\n".join(lines + [f"skipped: {s}" for s in skipped])
+    print(table)
+    assert len(default_errors) >= 30, table
+    worst = max(default_errors)
+    assert worst[0] <= 0.15, f"default launch off by {worst[0]:.1%} ({worst[1]})\n{table}"
+    assert statistics.median(e for e, _ in other_errors) <= 0.10, table
+    assert max(other_errors)[0] <= 0.50, table
+    validation = [k for k, m, _ in rows if k == "validation"]
+    assert len(validation) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+SPEC = """\
+version: 1
+rules:
+  - name: video
+    match: "blocks.*.attn"
+    grid: {T: "seq_len // 3840", H: 48, W: 80}
+    pattern:
+      neighborhood: {shape: [T, H, W], window: [7, 17, 33], stride: [1, 4, 8]}
+  - name: local
+    match: "*"
+    pattern:
+      sliding: {window: 1024, causal: true}
+"""
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_simulate(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    code, out, _ = _run(capsys, "simulate", spec, "--shape", "16x48x80", "--heads", "24")
+    assert code == 0
+    assert out.count("FLOP bound") == 2 and "video: neighborhood on h100" in out
+    assert "local: sliding on h100" in out and "block-sparse" in out
+    code, out, _ = _run(capsys, "simulate", spec, "--seq-len", "61440", "--json",
+                        "--device", "a100", "--rule", "video", "--recommend")
+    data = json.loads(out)
+    assert code == 0 and [d["rule"] for d in data] == ["video"]
+    report = SimReport.from_dict(data[0]["report"])
+    assert report.device == "a100" and not report.calibrated
+    assert report.flop_bound == pytest.approx(simulate(
+        sp.Neighborhood(shape=(16, 48, 80), window=(7, 17, 33), stride=(1, 4, 8)),
+        device="a100").flop_bound)
+    assert data[0]["recommendation"]["tiles"]
+    code, out, _ = _run(capsys, "simulate", spec, "--seq-len", "4096", "--q-tile", "64",
+                        "--kv-tile", "64", "--rule", "local")
+    assert code == 0 and "q 64, kv 64" in out
+    code, out, _ = _run(capsys, "simulate", spec, "--seq-len", "1000", "--rule", "video")
+    assert "not applicable" in out
+    code, out, err = _run(capsys, "simulate", spec, "--shape", "16x48x80", "--plot",
+                          tmp_path / "tiles.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert code == 2 and "--plot needs matplotlib" in err
+    else:
+        assert code == 0 and (tmp_path / "tiles-video.png").is_file()
+
+
+def test_cli_calibrate_from_results(tmp_path, capsys):
+    rows = [{"id": f"b{b}", "pattern": {"blocked": {"block": b}}, "tokens": 16384,
+             "q_tile": [128], "kv_tile": [64], "warps": 4, "stages": 2, "ms": ms,
+             "sdpa_ms": 5.20}
+            for b, ms in ((1024, 0.48), (2048, 0.92), (4096, 1.80))]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": rows}))
+    out_path = tmp_path / "mine.json"
+    code, out, _ = _run(capsys, "calibrate", "--from-results", results, "--device", "h100",
+                        "--name", "mine", "--out", out_path)
+    assert code == 0 and "fitted on 3 rows" in out and f"wrote {out_path}" in out
+    mine = load_profile(str(out_path))
+    assert mine.name == "mine" and mine.calibrated
+    assert set(mine.kernel.efficiency) == {"q128-kv64-w4-s2"}
+    assert mine.kernel.sdpa_tflops["bf16"] == pytest.approx(
+        4 * 24 * 16384**2 * 128 / 5.20e-3 / 1e12, rel=1e-3)
+    r = simulate(sp.Blocked(block=1024), 16384, device=str(out_path))
+    assert r.kernel_ms == pytest.approx(0.48, rel=0.05)
+    assert math.isfinite(r.predicted_speedup)
