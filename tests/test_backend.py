@@ -152,3 +152,30 @@ def test_bad_options_name_the_key():
         parse_options({"inner": "tvm"})
     with pytest.raises(TypeError, match="strict"):
         parse_options({"strict": "yes"})
+
+
+class ScaledAttention(nn.Module):
+    """Hand-written attention whose scale is an attribute (dynamo lifts it when dynamic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaling = 0.3
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)) * self.scaling
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_scale_is_applied_with_dynamic_shapes(dynamic):
+    model = ScaledAttention()
+    spec = {"version": 1, "rules": [{"match": "*", "pattern": {"sliding": {"window": 5}}}]}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spcompile", dynamic=dynamic,
+                             options={"spec": spec, "inner": "eager"})
+    for n in (24, 40):
+        q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+        out = compiled(q, k, v)
+        ref = sp.reference_attention(q, k, v, sp.Sliding(window=5), scale=0.3)
+        assert float((out - ref).abs().max()) < 1e-5, (dynamic, n)
+    assert last_report().rewritten

@@ -158,6 +158,12 @@ def rewrite_attention(gm: fx.GraphModule, opts: Any) -> Report:
     return report
 
 
+def _with_q(site: Any, q: fx.Node) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(site, q=q)
+
+
 def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
     """Insert the op before the site's output, in the site's own layout, and reroute users."""
     graph = gm.graph
@@ -165,7 +171,14 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
     v = site.v_compact if site.v_compact is not None else site.v
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
     impl = "triton" if _device_of(site.q).type == "cuda" else "torch"
+    scale_node = getattr(site, "scale_node", None)
     with graph.inserting_before(site.output):
+        if scale_node is not None:
+            # The scale is a run-time value (dynamo lifted it under dynamic=True): apply it to
+            # q in the graph and give the op 1.0, so no capture-time value is baked in.
+            q_scaled = graph.call_function(operator.mul, (site.q, scale_node))
+            site = _with_q(site, q_scaled)
+            scale = 1.0
         if site.layout == "bshd":
             q, k, v = (graph.call_method("transpose", (x, 1, 2)) for x in (site.q, k, v))
         elif site.layout == "bhsd-flattened":
