@@ -238,8 +238,8 @@ def _measure(args: argparse.Namespace, out: Output) -> tuple[Any, list[str]]:
 
     import torch
 
-    from .calibrate import measure_gpu, profile_from_measurements
     from .hardware import builtin_profiles, load_profile, user_profile_dir
+    from .measure import measure_gpu, profile_from_measurements
 
     if not torch.cuda.is_available():
         out.error("calibrate needs a CUDA GPU here, or --from-results FILE... to fit to "
