@@ -264,6 +264,50 @@ def _schema(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _dims(text: str) -> tuple[int, ...]:
+    """A tensor shape like 2x3x224x224."""
+    try:
+        dims = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected a shape like 2x3x224x224, got {text!r}")
+    return dims
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="MODULE:FACTORY",
+                        help="a callable that returns the model, e.g. mypkg.models:build")
+    parser.add_argument("--spec", required=True, help="spec file (YAML, TOML or JSON)")
+    parser.add_argument("--input-shape", action="append", required=True, type=_dims,
+                        metavar="2x3x224x224", help="one per model input, in order")
+    parser.add_argument("--input-dtype", default="float32",
+                        choices=("float32", "bfloat16", "float16", "int64"),
+                        help="int64 for token ids")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _inspect(args: argparse.Namespace, out: Output) -> int:
+    import torch
+
+    from .passes.inspect import inspect_model, load_factory
+
+    try:
+        factory = load_factory(args.target)
+    except (ValueError, ImportError) as e:
+        out.error(str(e))
+        return 2
+    report = inspect_model(factory, list(args.input_shape), load_spec(args.spec),
+                           getattr(torch, args.input_dtype))
+    if args.json:
+        print(report.to_json(), file=sys.stdout)
+    elif out.rich:
+        report.print_rich()
+    else:
+        out.line(report.render())
+    return 0
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     del parser  # no arguments: the demo picks the GPU when there is one
 
@@ -287,6 +331,8 @@ COMMANDS: tuple[Command, ...] = (
             sim_commands.simulate_arguments, sim_commands.simulate),
     Command("calibrate", "measure this GPU (or fit result files) into a simulator profile",
             sim_commands.calibrate_arguments, sim_commands.calibrate),
+    Command("inspect", "show which attention sites a model has and what the spec makes of "
+            "them, without running it", _inspect_arguments, _inspect),
     Command("demo", "compile a built-in ViT with a neighborhood spec: report, check, predict",
             _demo_arguments, _demo),
 )

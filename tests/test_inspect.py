@@ -27,3 +27,15 @@ def test_load_factory_errors():
     with pytest.raises(ValueError, match="MODULE:FACTORY"):
         load_factory("spcompile.demos.vit")
     assert load_factory("spcompile.demos.vit:TinyViT") is TinyViT
+
+
+def test_inspect_command(tmp_path, capsys):
+    from spcompile.cli import main
+
+    spec = tmp_path / "vit.yaml"
+    spec.write_text("version: 1\nrules:\n  - match: 'blocks.*.attn'\n    pattern:\n"
+                    "      neighborhood: {shape: [24, 24], window: 7}\n")
+    code = main(["inspect", "spcompile.demos.vit:TinyViT", "--spec", str(spec),
+                 "--input-shape", "1x3x96x96", "--json"])
+    assert code == 0
+    assert '"module_path": "blocks.1.attn"' in capsys.readouterr().out
