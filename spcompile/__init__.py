@@ -26,6 +26,10 @@ from .spec.patterns import (
 
 __version__ = "0.1.0"
 
+from .backend import register as _register_backend
+
+_register_backend()
+
 __all__ = [
     "AnyOf",
     "BlockLayout",

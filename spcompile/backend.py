@@ -74,3 +74,12 @@ def spcompile_backend(
 
     rewrite_attention(gm, opts)
     return _inner_compile(gm, example_inputs, opts.inner)
+
+
+def register() -> None:
+    """Make ``backend="spcompile"`` resolve even where the package's entry point is not
+    installed (a source checkout on PYTHONPATH); harmless where it is."""
+    from torch._dynamo.backends import registry
+
+    if "spcompile" not in getattr(registry, "_COMPILER_FNS", {}):
+        registry.register_backend(spcompile_backend, name="spcompile")

@@ -14,8 +14,10 @@ masked variant differs only by the pattern's mask and the padding guards.
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -253,6 +255,12 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
     return LaunchConfig(num_warps=8 if max(block_m, block_n) >= 128 else 4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=256)
+def _bwd_module(plan: TilePlan) -> Any:
+    """Generated once per plan (see fwd._fwd_module)."""
+    return load_source(kernel_name(plan, "bwd"), bwd_source(plan))
+
+
 def attn_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
     scale: float | None = None, config: LaunchConfig | None = None,
@@ -264,7 +272,7 @@ def attn_bwd(
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
     delta = (do.float() * out.float()).sum(-1)
     lse = lse.contiguous()
-    module = load_source(kernel_name(plan, "bwd"), bwd_source(plan))
+    module = _bwd_module(plan)
     t = plan.device_tensors(q.device)
     aux_pattern = needs_aux(plan.pattern)
     if aux_pattern is not None:
