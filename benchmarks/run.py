@@ -30,6 +30,7 @@ from suite import Row, suite
 import spcompile as sp
 from spcompile.codegen.fwd import attn_fwd
 from spcompile.plan.tiles import allowed_pairs, build_plan
+from spcompile.sim import simulate
 
 B, H, D = 1, 24, 128
 
@@ -78,12 +79,15 @@ def run_row(row: Row, args) -> dict:
     first_call_s = time.time() - t0
     err = sampled_error(row, q, k, v, out)
     pairs = allowed_pairs(row.pattern, s, s)
+    predicted = simulate(row.pattern, s, s, heads=H, head_dim=D, device="current")
     res = {"id": row.id, "tokens": s, "q_tile": plan.q_tile, "kv_tile": plan.kv_tile,
+           "predicted_speedup": predicted.predicted_speedup, "batch": B, "heads": H, "head_dim": D,
            "flop_bound": s * s / pairs, "tile_bound": plan.tile_bound, "rel_err": err,
            "plan_s": plan_s, "first_call_s": first_call_s, "goal": row.goal}
     sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
     ours_ms = bench(lambda: attn_fwd(q, k, v, plan))
     res.update(sdpa_ms=sdpa_ms, ours_ms=ours_ms, speedup=sdpa_ms / ours_ms)
+    res["prediction_error"] = res["predicted_speedup"] / res["speedup"] - 1
     dense_flops = 4 * B * H * s * s * D
     res["sdpa_tflops"] = dense_flops / sdpa_ms / 1e9
     res["ours_dense_equiv_tflops"] = dense_flops / ours_ms / 1e9
@@ -136,14 +140,15 @@ def main() -> None:
         torch.cuda.empty_cache()
     print()
     print(f"{'row':12s} {'flop':>6s} {'tile':>6s} {'err':>8s} {'sdpa ms':>8s} {'ours':>7s} "
-          f"{'speedup':>8s} {'goal':>5s} {'flex':>6s} {'eqTF':>6s}")
+          f"{'speedup':>8s} {'pred':>6s} {'goal':>5s} {'flex':>6s} {'eqTF':>6s}")
     for r in results:
         if "error" in r:
             print(f"{r['id']:12s} ERROR {r['error'][:100]}")
             continue
         flex = f"{r['flex_speedup']:.2f}x" if "flex_speedup" in r else "-"
         print(f"{r['id']:12s} {r['flop_bound']:6.2f} {r['tile_bound']:6.2f} {r['rel_err']:8.1e} "
-              f"{r['sdpa_ms']:8.2f} {r['ours_ms']:7.3f} {r['speedup']:7.2f}x {r['goal']:5.1f} "
+              f"{r['sdpa_ms']:8.2f} {r['ours_ms']:7.3f} {r['speedup']:7.2f}x "
+              f"{r['predicted_speedup']:5.2f}x {r['goal']:5.1f} "
               f"{flex:>6s} {r['ours_dense_equiv_tflops']:6.0f}"
               + (f"  fb {r['fb_speedup']:.2f}x" if "fb_speedup" in r else ""))
     if args.out:
