@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .argtypes import positive_int, sizes
 from .sim import cli_commands as sim_commands
 from .spec.errors import SpecError
 from .spec.loading import load_spec
@@ -111,24 +112,8 @@ def _validate(args: argparse.Namespace, out: Output) -> int:
 # explain
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        sizes = ()
-    if not 1 <= len(sizes) <= 3 or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected a grid like 16x48x80, got {text!r}")
-    return sizes
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+_shape = sizes("16x48x80", 3)
+_positive = positive_int
 
 
 def _explain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,15 +249,7 @@ def _schema(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _dims(text: str) -> tuple[int, ...]:
-    """A tensor shape like 2x3x224x224."""
-    try:
-        dims = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"expected a shape like 2x3x224x224, got {text!r}")
-    return dims
+_dims = sizes("2x3x224x224", None)
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:

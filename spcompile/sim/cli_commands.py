@@ -18,30 +18,18 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..argtypes import positive_int, sizes
+
 if TYPE_CHECKING:
     from ..cli import Output
 
 __all__ = ["calibrate", "calibrate_arguments", "simulate", "simulate_arguments"]
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        sizes = ()
-    if not 1 <= len(sizes) <= 3 or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected sizes like 128 or 2x8x8, got {text!r}")
-    return sizes
+_sizes = sizes("128 or 2x8x8", 3)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+_positive = positive_int
 
 
 def _launch(text: str) -> tuple[int, int] | str:
