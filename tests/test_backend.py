@@ -179,3 +179,4 @@ def test_scale_is_applied_with_dynamic_shapes(dynamic):
         ref = sp.reference_attention(q, k, v, sp.Sliding(window=5), scale=0.3)
         assert float((out - ref).abs().max()) < 1e-5, (dynamic, n)
     assert last_report().rewritten
+

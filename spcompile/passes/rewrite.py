@@ -30,7 +30,13 @@ class LeftDenseError(RuntimeError):
 
 
 def _concrete(value: Any) -> int | None:
-    """An int from an int or a SymInt with a hint, else None."""
+    """An int from an int or a SymInt, else None.
+
+    ``int()`` on a SymInt guards on its value, so a graph compiled with dynamic shapes is
+    specialized to the lengths it was rewritten for. That keeps length-dependent rules
+    (``min_seq_len``, grid volumes, expressions of ``seq_len``) exact; the price is one compile
+    per length. Guarding only on the conditions the matched rule reads would remove it.
+    """
     if isinstance(value, int):
         return value
     try:

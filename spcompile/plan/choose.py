@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..spec.patterns import Neighborhood, Pattern
-from .states import EMPTY, _interval_axis, _neighborhood_window
+from .states import EMPTY, interval_axis_states, neighborhood_window
 from .tiles import TileShape, build_plan, grid_of
 
 
@@ -96,8 +96,8 @@ def best_boxes(
     def axis_visits(a: int, g: int, qt: int, kt: int) -> int:
         length = torch.tensor(shape[a] // dilation[a] + (1 if g < shape[a] % dilation[a] else 0))
         n_q, n_k = -(-group[a] // qt), -(-group[a] // kt)
-        window = _neighborhood_window(pattern.window[a], pattern.stride[a], pattern.causal[a])
-        return int((_interval_axis(window, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
+        window = neighborhood_window(pattern.window[a], pattern.stride[a], pattern.causal[a])
+        return int((interval_axis_states(window, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
 
     best: tuple[int, int, TileShape, TileShape] | None = None
     for qt in _candidates(q_tokens, group):

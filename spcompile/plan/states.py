@@ -95,7 +95,7 @@ def causal_states(q: TokenLayout, kv: TokenLayout, offset: int) -> Tensor:
 IntervalFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _interval_axis(
+def interval_axis_states(
     window: IntervalFn, n_q: int, q_tile: int, n_k: int, k_tile: int,
     q_len: Tensor, k_len: Tensor,
 ) -> Tensor:
@@ -146,7 +146,7 @@ def _interval_states_1d(
 ) -> Tensor:
     if q.ndim != 1 or kv.ndim != 1 or q.dilation != (1,) or kv.dilation != (1,):
         raise ValueError("1-D window patterns need 1-D layouts without dilation")
-    return _interval_axis(window, q.num_tiles, q.tile[0], kv.num_tiles, kv.tile[0],
+    return interval_axis_states(window, q.num_tiles, q.tile[0], kv.num_tiles, kv.tile[0],
                           torch.tensor(q_len), torch.tensor(kv_len))
 
 
@@ -176,7 +176,7 @@ def _blocked(p: Blocked, q: TokenLayout, kv: TokenLayout, offset: int) -> Tensor
     return _interval_states_1d(window, q, kv, q.num_tokens, kv_len)
 
 
-def _neighborhood_window(w: int, s: int, causal: bool) -> IntervalFn:
+def neighborhood_window(w: int, s: int, causal: bool) -> IntervalFn:
     """NATTEN's window on one axis, in coordinates inside one dilation group."""
     wl, wr = w // 2, w // 2 + w % 2 - 1
 
@@ -202,8 +202,8 @@ def _neighborhood(p: Neighborhood, q: TokenLayout, kv: TokenLayout, offset: int)
         state = None
         for a in range(len(p.shape)):
             length = q.group_length(a, torch.tensor(group[a]))
-            axis = _interval_axis(
-                _neighborhood_window(p.window[a], p.stride[a], p.causal[a]),
+            axis = interval_axis_states(
+                neighborhood_window(p.window[a], p.stride[a], p.causal[a]),
                 q.tiles_per_axis[a], q.tile[a], kv.tiles_per_axis[a], kv.tile[a], length, length,
             )
             state = axis if state is None else _outer_min(state, axis)

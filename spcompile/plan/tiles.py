@@ -344,7 +344,7 @@ def allowed_pairs(pattern: Pattern, q_len: int, kv_len: int) -> int:
 
 def _neighborhood_pairs(p: Neighborhood) -> int:
     """Per axis the window sizes sum independently; the mask is their product per group."""
-    from .states import _neighborhood_window
+    from .states import neighborhood_window
 
     total = 0
     per_axis: list[dict[int, int]] = []
@@ -354,7 +354,7 @@ def _neighborhood_pairs(p: Neighborhood) -> int:
         for g in range(d):
             lg = length // d + (1 if g < length % d else 0)
             x = torch.arange(lg)
-            lo, hi = _neighborhood_window(p.window[a], p.stride[a], p.causal[a])(
+            lo, hi = neighborhood_window(p.window[a], p.stride[a], p.causal[a])(
                 x, torch.tensor(lg))
             sums[g] = int((hi - lo + 1).sum())
         per_axis.append(sums)

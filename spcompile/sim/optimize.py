@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..plan.choose import best_boxes, boxes
-from ..plan.states import EMPTY, _interval_axis, _neighborhood_window
+from ..plan.states import EMPTY, interval_axis_states, neighborhood_window
 from ..plan.tiles import grid_of
 from ..spec.patterns import Dense, Neighborhood, Pattern, PerHead, TopK
 from .hardware import LaunchKey, load_profile
@@ -202,8 +202,8 @@ def _ranked_boxes(p: Neighborhood, q_tokens: int, kv_tokens: int
         length = torch.tensor(p.shape[a] // p.dilation[a] + (1 if g < p.shape[a] % p.dilation[a]
                                                               else 0))
         n_q, n_k = -(-group[a] // qt), -(-group[a] // kt)
-        fn = _neighborhood_window(p.window[a], p.stride[a], p.causal[a])
-        return int((_interval_axis(fn, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
+        fn = neighborhood_window(p.window[a], p.stride[a], p.causal[a])
+        return int((interval_axis_states(fn, n_q, qt, n_k, kt, length, length) != EMPTY).sum())
 
     scored = []
     for qt in boxes(q_tokens, group):

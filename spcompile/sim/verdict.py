@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan.states import PARTIAL, _interval_axis, _neighborhood_window
+from ..plan.states import PARTIAL, interval_axis_states, neighborhood_window
 from ..plan.tiles import TilePlan
 from ..spec.patterns import Blocked, Neighborhood, Pattern, Sliding
 
@@ -43,10 +43,10 @@ def neighborhood_axis_block_sparse(
     kv_tile: int,
 ) -> bool:
     """Exact: no partial tile pair on this axis, in any dilation group."""
-    fn = _neighborhood_window(window, stride, causal)
+    fn = neighborhood_window(window, stride, causal)
     for lg in _group_lengths(length, dilation):
         n_q, n_k = -(-lg // q_tile), -(-lg // kv_tile)
-        states = _interval_axis(fn, n_q, q_tile, n_k, kv_tile, torch.tensor(lg),
+        states = interval_axis_states(fn, n_q, q_tile, n_k, kv_tile, torch.tensor(lg),
                                 torch.tensor(lg))
         if bool((states == PARTIAL).any()):
             return False
@@ -54,7 +54,7 @@ def neighborhood_axis_block_sparse(
 
 
 def _window_starts(length: int, window: int, stride: int, causal: bool) -> list[int]:
-    fn = _neighborhood_window(window, stride, causal)
+    fn = neighborhood_window(window, stride, causal)
     lo, _ = fn(torch.arange(length), torch.tensor(length))
     return sorted(set(lo.tolist()))
 
