@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import textwrap
 from typing import Any
 
 import torch
@@ -24,14 +23,17 @@ from torch import Tensor
 
 from ..plan.tiles import TilePlan
 from .cache import load_source
-from .emit import layout_code, needs_aux
+from .emit import layout_code
 from .fwd import (
     LaunchConfig,
+    _indent,
     _to_2d,
+    aux_tensor,
     check_tiles,
     fwd_loops,
     kernel_name,
     kv_source_lines,
+    padded_dim,
     step_mask,
 )
 
@@ -215,10 +217,6 @@ def _dq_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
     return lines
 
 
-def _indent(lines: list[str], n: int) -> str:
-    return textwrap.indent("\n".join(lines), " " * n)
-
-
 def _dkdv_source(plan: TilePlan, source: str, name: str) -> str:
     # Gathered programs write their own buffer, row = slot in the gather segment.
     store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
@@ -274,13 +272,7 @@ def attn_bwd(
     lse = lse.contiguous()
     module = _bwd_module(plan)
     t = plan.device_tensors(q.device)
-    aux_pattern = needs_aux(plan.pattern)
-    if aux_pattern is not None:
-        n_blocks = -(-plan.kv_len // aux_pattern.block)
-        aux = aux_pattern.block_mask(n_blocks).to(torch.int8).to(q.device).contiguous()
-        aux_stride = aux.stride(0)
-    else:
-        aux, aux_stride = t["full_cnt"], 0
+    aux, aux_stride = aux_tensor(plan, str(q.device))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -288,8 +280,8 @@ def attn_bwd(
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim,
-        BLOCK_D=max(16, 1 << (d - 1).bit_length()),
-        BLOCK_DV=max(16, 1 << (dv_dim - 1).bit_length()),
+        BLOCK_D=padded_dim(d),
+        BLOCK_DV=padded_dim(dv_dim),
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

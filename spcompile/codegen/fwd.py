@@ -273,13 +273,38 @@ def check_tiles(plan: TilePlan) -> None:
                              f"{name}={getattr(plan, name)} ({size} tokens)")
 
 
+def padded_dim(n: int) -> int:
+    """A head dimension as a tile holds it: the next power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def aux_tensor(plan: TilePlan, device: str) -> tuple[Tensor, int]:
+    """(tensor, row stride) for the kernels' AUX argument, built once per plan and device.
+
+    A BlockLayout's partial tiles read its block matrix (int8 [n_blocks, n_blocks]); other
+    patterns get a placeholder with stride 0 that the kernel never reads.
+    """
+    pattern = needs_aux(plan.pattern)
+    if pattern is None:
+        return plan.device_tensors(device)["full_cnt"], 0
+    n_blocks = -(-plan.kv_len // pattern.block)
+    aux = pattern.block_mask(n_blocks).to(torch.int8).to(device).contiguous()
+    return aux, aux.stride(0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> list:
     """Host-side TMA descriptors over the 4-D tensors, when the plan, device and strides allow.
 
     Off with SPCOMPILE_TMA=0; never on CPU (the interpreter) or before Hopper.
     """
     if (os.environ.get("SPCOMPILE_TMA", "1") == "0" or not q.is_cuda or not tma_eligible(plan)
-            or torch.cuda.get_device_capability(q.device)[0] < 9):
+            or _capability(q.device.index)[0] < 9):
         return []
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -289,8 +314,7 @@ def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -
     if any(x is None or x.data_ptr() % 16
            or any((st * x.element_size()) % 16 for st in x.stride()[:-1]) for x in views):
         return []
-    bd = max(16, 1 << (q.shape[-1] - 1).bit_length())
-    bdv = max(16, 1 << (v.shape[-1] - 1).bit_length())
+    bd, bdv = padded_dim(q.shape[-1]), padded_dim(v.shape[-1])
     lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
     qt, kt = list(plan.q_layout.tile), list(plan.kv_layout.tile)
     blocks = ([*lead, *qt, bd], [*lead, *kt, bd], [*lead, *kt, bdv], [*lead, *qt, bdv])
@@ -337,13 +361,7 @@ def attn_fwd(
     descriptors = _descriptors(plan, q, k, v, out)
     module = _fwd_module(plan, bool(descriptors))
     t = plan.device_tensors(q.device)
-    aux_pattern = needs_aux(plan.pattern)
-    if aux_pattern is not None:
-        n_blocks = -(-plan.kv_len // aux_pattern.block)
-        aux = aux_pattern.block_mask(n_blocks).to(torch.int8).to(q.device).contiguous()
-        aux_stride = aux.stride(0)
-    else:
-        aux, aux_stride = t["full_cnt"], 0
+    aux, aux_stride = aux_tensor(plan, str(q.device))
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     config = config or default_config(plan)
@@ -357,7 +375,7 @@ def attn_fwd(
         lse.stride(0), lse.stride(1),
         t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
         H=h, H_KV=h_kv, GROUP=h // h_kv, HEAD_DIM=d, HEAD_DIM_V=dv,
-        BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_DV=max(16, 1 << (dv - 1).bit_length()),
+        BLOCK_D=padded_dim(d), BLOCK_DV=padded_dim(dv),
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
