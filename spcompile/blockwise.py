@@ -9,11 +9,12 @@ out-of-place ops so autograd differentiates it (the CPU backward).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .plan.tiles import TilePlan, kv_tokens, visit_passes
+from .plan.tiles import MaskFn, TilePlan, kv_tokens, visit_passes
 
 
 def _gather_tiles(x: Tensor, tokens: Tensor, n_tiles: int) -> Tensor:
@@ -22,39 +23,79 @@ def _gather_tiles(x: Tensor, tokens: Tensor, n_tiles: int) -> Tensor:
     return x.index_select(2, tokens.clamp_min(0)).view(b, h, n_tiles, -1, d)
 
 
+@dataclass
+class _Tiles:
+    """What both passes need: q/k/v (and friends) in tile order, and which pairs count."""
+
+    plan: TilePlan
+    q_tok: Tensor  # [nq * Tq] query positions of the permuted rows, -1 padding
+    k_tok: Tensor  # [nk * Tk] key positions (layout tiles, then gathered tiles)
+    acc_dtype: torch.dtype
+    batch: int
+    kv_heads: int
+    group: int
+
+    @classmethod
+    def of(cls, plan: TilePlan, q: Tensor, k: Tensor) -> _Tiles:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return cls(plan, plan.q_layout.token_index().to(q.device), kv_tokens(plan, q.device),
+                   acc, q.shape[0], k.shape[1], q.shape[1] // k.shape[1])
+
+    @property
+    def nq(self) -> int:
+        return self.plan.num_q_tiles
+
+    @property
+    def tq(self) -> int:
+        return self.plan.q_layout.tile_size
+
+    @property
+    def tk(self) -> int:
+        return self.plan.kv_layout.tile_size
+
+    @property
+    def nk(self) -> int:
+        return self.k_tok.numel() // self.tk
+
+    def rows(self, x: Tensor) -> Tensor:
+        """[B, H, S, X] -> [B, H_kv, G, nq, Tq, X]: the GQA group shares each K/V tile."""
+        return _gather_tiles(x.to(self.acc_dtype), self.q_tok, self.nq).view(
+            self.batch, self.kv_heads, self.group, self.nq, self.tq, -1)
+
+    def keys(self, x: Tensor) -> Tensor:
+        """[B, H_kv, S, X] -> [B, H_kv, nk, Tk, X]."""
+        return _gather_tiles(x.to(self.acc_dtype), self.k_tok, self.nk)
+
+    def keep(self, tiles: Tensor, active: Tensor, mask: MaskFn | None) -> Tensor:
+        """Bool [nq, Tq, Tk]: pairs of this slot that count (active slot, mask, real keys)."""
+        keep = active[:, None, None].expand(self.nq, self.tq, self.tk)
+        if mask is None:
+            return keep
+        kj = self.k_tok.view(self.nk, self.tk)[tiles]  # [nq, Tk]
+        qi = self.q_tok.view(self.nq, self.tq)
+        allowed = mask(qi.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
+        return keep & allowed & (kj >= 0)[:, None, :]
+
+
 def blockwise_attention(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32/fp64) over the plan's tiles."""
     b, h, _, d = q.shape
-    h_kv = k.shape[1]
-    group = h // h_kv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_tok = plan.q_layout.token_index().to(q.device)
-    k_tok = kv_tokens(plan, q.device)
-    nq, tq, tk = plan.num_q_tiles, plan.q_layout.tile_size, plan.kv_layout.tile_size
-    nk = k_tok.numel() // tk
-    # [B, H_kv, G, nq, Tq, D]: the GQA group shares each K/V tile.
-    qt = _gather_tiles(q.to(acc_dtype), q_tok, nq).view(b, h_kv, group, nq, tq, d)
-    kt = _gather_tiles(k.to(acc_dtype), k_tok, nk)
-    vt = _gather_tiles(v.to(acc_dtype), k_tok, nk)
-    q_tiles = q_tok.view(nq, tq)
-    k_tiles = k_tok.view(nk, tk)
-    m = torch.full((b, h_kv, group, nq, tq), float("-inf"), dtype=acc_dtype, device=q.device)
+    t = _Tiles.of(plan, q, k)
+    qt, kt, vt = t.rows(q), t.keys(k), t.keys(v)
+    m = torch.full((b, t.kv_heads, t.group, t.nq, t.tq), float("-inf"), dtype=t.acc_dtype,
+                   device=q.device)
     denom = torch.zeros_like(m)
-    acc = torch.zeros(b, h_kv, group, nq, tq, v.shape[-1], dtype=acc_dtype, device=q.device)
+    acc = torch.zeros(*m.shape, v.shape[-1], dtype=t.acc_dtype, device=q.device)
     for idx, cnt, mask in visit_passes(plan, q.device):
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
             active = slot < cnt  # [nq]
             tiles = idx[:, slot]
             ks, vs = kt[:, :, tiles], vt[:, :, tiles]  # [B, H_kv, nq, Tk, D]
             s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
-            keep = active[:, None, None].expand(nq, tq, tk)
-            if mask is not None:
-                kj = k_tiles[tiles]  # [nq, Tk]
-                allowed = mask(q_tiles.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
-                keep = keep & allowed & (kj >= 0)[:, None, :]
+            keep = t.keep(tiles, active, mask)
             s = s.masked_fill(~keep, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
             m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -68,10 +109,10 @@ def blockwise_attention(
     lse_t = torch.where(empty, torch.full_like(m, float("-inf")),
                         m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
     # Back to token order: drop padding rows.
-    valid = (q_tok >= 0).nonzero().squeeze(1)
-    out_flat = out_t.reshape(b, h, nq * tq, -1).index_select(2, valid)
-    lse_flat = lse_t.reshape(b, h, nq * tq).index_select(2, valid)
-    order = torch.argsort(q_tok[valid])
+    valid = (t.q_tok >= 0).nonzero().squeeze(1)
+    out_flat = out_t.reshape(b, h, t.nq * t.tq, -1).index_select(2, valid)
+    lse_flat = lse_t.reshape(b, h, t.nq * t.tq).index_select(2, valid)
+    order = torch.argsort(t.q_tok[valid])
     return out_flat[:, :, order].to(q.dtype), lse_flat[:, :, order]
 
 
@@ -86,40 +127,25 @@ def blockwise_attention_backward(
     """
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
-    group = h // h_kv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_tok = plan.q_layout.token_index().to(q.device)
-    k_tok = kv_tokens(plan, q.device)
-    nq, tq, tk = plan.num_q_tiles, plan.q_layout.tile_size, plan.kv_layout.tile_size
-    nk = k_tok.numel() // tk
-
-    def rows(x: Tensor) -> Tensor:  # [B, H, S, X] -> [B, H_kv, G, nq, Tq, X]
-        return _gather_tiles(x.to(acc_dtype), q_tok, nq).view(b, h_kv, group, nq, tq, -1)
-
-    qt, dot = rows(q), rows(do)
-    delta = (do.to(acc_dtype) * out.to(acc_dtype)).sum(-1, keepdim=True)
-    deltat = rows(delta)[..., 0]
-    lse_t = rows(lse.to(acc_dtype)[..., None])[..., 0]
+    t = _Tiles.of(plan, q, k)
+    qt, dot = t.rows(q), t.rows(do)
+    delta = (do.to(t.acc_dtype) * out.to(t.acc_dtype)).sum(-1, keepdim=True)
+    deltat = t.rows(delta)[..., 0]
+    lse_t = t.rows(lse.to(t.acc_dtype)[..., None])[..., 0]
     lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, float("inf")), lse_t)
-    kt = _gather_tiles(k.to(acc_dtype), k_tok, nk)
-    vt = _gather_tiles(v.to(acc_dtype), k_tok, nk)
+    kt, vt = t.keys(k), t.keys(v)
     dq_t = torch.zeros_like(qt)
     dk_t = torch.zeros_like(kt)
     dv_t = torch.zeros_like(vt)
-    q_tiles, k_tiles = q_tok.view(nq, tq), k_tok.view(nk, tk)
-    q_valid = (q_tiles >= 0)[:, :, None]
+    q_valid = (t.q_tok.view(t.nq, t.tq) >= 0)[:, :, None]
     for idx, cnt, mask in visit_passes(plan, q.device):
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
             active = slot < cnt
             tiles = idx[:, slot]
             ks, vs = kt[:, :, tiles], vt[:, :, tiles]
             s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
-            keep = active[:, None, None] & q_valid
-            if mask is not None:
-                kj = k_tiles[tiles]
-                allowed = mask(q_tiles.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
-                keep = keep & allowed & (kj >= 0)[:, None, :]
+            keep = t.keep(tiles, active, mask) & q_valid
             p = torch.exp(s - lse_t[..., None]) * keep
             dp = torch.einsum("bhgqmd,bhqnd->bhgqmn", dot, vs)
             ds = p * (dp - deltat[..., None])
@@ -130,15 +156,15 @@ def blockwise_attention_backward(
             dk_t.index_add_(2, tiles[use], dk_slot[:, :, use])
             dv_t.index_add_(2, tiles[use], dv_slot[:, :, use])
 
-    def scatter(t: Tensor, tok: Tensor, length: int, heads: int) -> Tensor:
+    def scatter(x: Tensor, tok: Tensor, length: int, heads: int) -> Tensor:
         """Tile rows back to token rows; a key in the main tiles and in the gather segment
         gets both contributions."""
-        flat = t.reshape(b, heads, -1, t.shape[-1])
+        flat = x.reshape(b, heads, -1, x.shape[-1])
         valid = (tok >= 0).nonzero().squeeze(1)
-        outp = torch.zeros(b, heads, length, t.shape[-1], dtype=t.dtype, device=t.device)
+        outp = torch.zeros(b, heads, length, x.shape[-1], dtype=x.dtype, device=x.device)
         return outp.index_add(2, tok[valid], flat.index_select(2, valid))
 
-    dq = scatter(dq_t, q_tok, sq, h).to(q.dtype)
-    dk = scatter(dk_t, k_tok, k.shape[2], h_kv).to(k.dtype)
-    dv = scatter(dv_t, k_tok, v.shape[2], h_kv).to(v.dtype)
+    dq = scatter(dq_t, t.q_tok, sq, h).to(q.dtype)
+    dk = scatter(dk_t, t.k_tok, k.shape[2], h_kv).to(k.dtype)
+    dv = scatter(dv_t, t.k_tok, v.shape[2], h_kv).to(v.dtype)
     return dq, dk, dv
