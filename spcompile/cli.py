@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .argtypes import positive_int, sizes
+from .argtypes import has_matplotlib, positive_int, rules_and_site, sizes
 from .sim import cli_commands as sim_commands
 from .spec.errors import SpecError
 from .spec.loading import load_spec
@@ -131,21 +131,14 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(args: argparse.Namespace, out: Output) -> int:
-    if args.png:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            out.error("--png needs matplotlib: pip install matplotlib")
-            return 2
-    spec = load_spec(args.spec)
+    if args.png and not has_matplotlib():
+        out.error("--png needs matplotlib: pip install matplotlib")
+        return 2
     try:
-        rules = [spec.rule(args.rule)] if args.rule else list(spec.rules)
+        rules, site = rules_and_site(args)
     except KeyError as e:
         out.error(e.args[0])
         return 2
-    seq_len = math.prod(args.shape) if args.shape else args.seq_len
-    site = SiteKey("", seq_len=seq_len, kv_len=args.kv_len or seq_len, num_heads=args.heads,
-                   head_dim=args.head_dim)
     shown = [rule for rule in rules if _explain_rule(rule, site, out) is not None]
     if args.png and shown:
         _write_png(args.png, [(rule.label, _high_res(rule, site)) for rule in shown])

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..argtypes import positive_int, sizes
+from ..argtypes import has_matplotlib, positive_int, rules_and_site, sizes
 
 if TYPE_CHECKING:
     from ..cli import Output
@@ -79,27 +78,18 @@ def _tile_arg(sizes: tuple[int, ...] | None) -> int | tuple[int, ...] | None:
 
 def simulate(args: argparse.Namespace, out: Output) -> int:
     from ..spec.errors import SpecError
-    from ..spec.loading import load_spec
-    from ..spec.rules import SiteKey
     from .optimize import recommend
     from .simulate import simulate as run_simulation
 
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            out.error("--plot needs matplotlib: pip install matplotlib")
-            return 2
-    spec = load_spec(args.spec)
+    if args.plot and not has_matplotlib():
+        out.error("--plot needs matplotlib: pip install matplotlib")
+        return 2
     try:
-        rules = [spec.rule(args.rule)] if args.rule else list(spec.rules)
+        rules, site = rules_and_site(args)
     except KeyError as e:
         out.error(e.args[0])
         return 2
-    seq_len = math.prod(args.shape) if args.shape else args.seq_len
-    kv_len = args.kv_len or seq_len
-    site = SiteKey("", seq_len=seq_len, kv_len=kv_len, num_heads=args.heads,
-                   head_dim=args.head_dim)
+    seq_len, kv_len = site.seq_len, site.kv_len
     options = dict(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
                    head_dim=args.head_dim, dtype=args.dtype, device=args.device)
     results: list[dict[str, Any]] = []
