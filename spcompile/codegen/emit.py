@@ -29,6 +29,7 @@ from ..spec.patterns import (
     Pattern,
     Sliding,
     Strided,
+    TopK,
 )
 
 MAX_GLOBAL_INDICES = 64
@@ -178,6 +179,12 @@ def _block_layout(p: BlockLayout) -> str:
     expr = (f"(tl.load(AUX + (tl.maximum(qpos, 0) // {p.block}) * AUX_STRIDE + "
             f"(k_tok // {p.block}), mask=(qpos >= 0) & k_ok, other=0) != 0)")
     return _causal(expr, p.causal)
+
+
+@emitter(TopK)
+def _topk(p: TopK) -> str:
+    # Tiles are whole blocks and the lists hold only selected ones: causality is all that is left.
+    return _causal("(k_tok >= 0)", p.causal)
 
 
 @emitter(AnyOf)

@@ -18,6 +18,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from ..spec.patterns import (
 )
 from .layout import TokenLayout
 from .states import FULL, PARTIAL, has_rule, tile_states
+
+if TYPE_CHECKING:
+    from .topk import BlockLists
 
 TileShape = tuple[int, ...]
 
@@ -220,11 +224,21 @@ def build_plan(
     q_tile: int | TileShape | None = None, kv_tile: int | TileShape | None = None,
     head_dim: int = 128,
 ) -> TilePlan:
-    """The tile plan of a static, single-head pattern (cached). Tiles default per ``choose``."""
-    if isinstance(pattern, (PerHead, TopK)):
-        raise TypeError(f"build_plan: {type(pattern).__name__} has per-head or data-dependent "
-                        "plans; use spcompile.plan.heads / spcompile.plan.topk")
+    """The tile plan of a single-head pattern (cached). Tiles default per ``choose``.
+
+    For TopK this is the static half of its plan (see ``plan.topk``): tiles of one block, the
+    eligible tiles as the lists; the selection's lists come at run time.
+    """
+    if isinstance(pattern, PerHead):
+        raise TypeError("build_plan: a PerHead pattern has one plan per run of heads; build "
+                        "one for each pattern of PerHead.resolve(num_heads)")
     pattern.check_lengths(q_len, kv_len)
+    if isinstance(pattern, TopK):
+        for name, tile in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+            if tile is not None and tuple(_as_tile(tile, 1, name)) != (pattern.block,):
+                raise ValueError(f"build_plan: TopK tiles are its blocks; expected {name}="
+                                 f"{pattern.block} or None, got {tile}")
+        q_tile = kv_tile = pattern.block
     grid = grid_of(pattern)
     ndim = 1 if grid is None else len(grid[0])
     if q_tile is None or kv_tile is None:
@@ -242,12 +256,28 @@ def _build_plan(
     pattern: Pattern, q_len: int, kv_len: int, q_tile: TileShape, kv_tile: TileShape
 ) -> TilePlan:
     q_layout, kv_layout = layouts_for(pattern, q_len, kv_len, q_tile, kv_tile)
+    if isinstance(pattern, TopK):
+        return TilePlan(pattern, q_len, kv_len, q_layout, kv_layout,
+                        _topk_states(pattern, kv_len), exact_by_mask=False)
     split = _split_gather(pattern, kv_layout)
     list_pattern, gather = split if split is not None else (pattern, None)
     states = tile_states(list_pattern, q_layout, kv_layout, kv_len - q_len)
     return TilePlan(pattern, q_len, kv_len, q_layout, kv_layout, states,
                     exact_by_mask=not has_rule(list_pattern), list_pattern=list_pattern,
                     gather=gather)
+
+
+def _topk_states(pattern: TopK, kv_len: int) -> Tensor:
+    """Every eligible block pair, FULL or PARTIAL: the superset any selection is drawn from."""
+    from ..spec.topk import eligible_blocks
+    from .topk import partial_blocks
+
+    n = -(-kv_len // pattern.block)
+    cpu = torch.device("cpu")
+    eligible = eligible_blocks(pattern, n, cpu)
+    partial = partial_blocks(pattern, n, kv_len, cpu)
+    states = torch.where(partial, PARTIAL, FULL).to(torch.int8)
+    return torch.where(eligible, states, torch.zeros_like(states))
 
 
 def _split_gather(pattern: Pattern, kv: TokenLayout) -> tuple[Pattern, GatherSegment] | None:
@@ -294,17 +324,33 @@ def kv_tokens(plan: TilePlan, device: torch.device) -> Tensor:
 Visit = tuple[Tensor, Tensor, MaskFn | None]
 
 
-def visit_passes(plan: TilePlan, device: torch.device) -> list[Visit]:
-    """(tile ids [nq, W], counts [nq], mask or None) for FULL, PARTIAL and gathered visits.
-
-    A mask takes query positions [nq, Tq, 1] and key positions [nq, 1, Tk] (both >= 0).
-    """
+def partial_mask(plan: TilePlan) -> MaskFn:
+    """The mask of the main lists' PARTIAL tiles. For TopK the tiles are whole blocks, so only
+    causality (and the padding keys every consumer drops) is left to mask."""
     q_len, kv_len = plan.q_len, plan.kv_len
     lp = plan.list_pattern
     assert lp is not None
+    if isinstance(lp, TopK):
+        offset = kv_len - q_len
+        return (lambda qi, kj: kj <= qi + offset) if lp.causal else (lambda qi, kj: kj >= 0)
+    return lambda qi, kj: lp.allowed(qi, kj, q_len, kv_len)
+
+
+def visit_passes(plan: TilePlan, device: torch.device, lists: BlockLists | None = None
+                 ) -> list[Visit]:
+    """(tile ids [nq, W], counts [nq], mask or None) for FULL, PARTIAL and gathered visits.
+
+    With run-time ``lists`` (TopK) the ids and counts carry their leading list dimension:
+    [L, nq, W] and [L, nq]. A mask takes query positions [..., Tq, 1] and key positions
+    [..., 1, Tk] (both >= 0).
+    """
+    q_len, kv_len = plan.q_len, plan.kv_len
+    if lists is not None:
+        return [(lists.full_idx.long(), lists.full_cnt, None),
+                (lists.part_idx.long(), lists.part_cnt, partial_mask(plan))]
     out: list[Visit] = [
         (plan.full_idx, plan.full_cnt, None),
-        (plan.part_idx, plan.part_cnt, lambda qi, kj: lp.allowed(qi, kj, q_len, kv_len)),
+        (plan.part_idx, plan.part_cnt, partial_mask(plan)),
     ]
     if plan.gather is not None:
         g = plan.gather
