@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import attention_op, pattern_key
+from .ops import attention_op, pattern_key, topk_select_op
 from .reference import check_qkv
 from .spec.patterns import Dense, Pattern, PerHead, TopK
 
@@ -43,14 +43,15 @@ def sparse_attention(
 
     Parameters:
         q: [B, H, Sq, D]; k: [B, H_kv, Skv, D]; v: [B, H_kv, Skv, Dv], H a multiple of H_kv.
-        pattern: any static pattern, a PerHead mix of them, or Dense.
+        pattern: any pattern: static ones, TopK (its selection is estimated from q and k on
+            every call, then the kernels visit only the selected blocks), PerHead mixes.
         scale: defaults to 1 / sqrt(D).
         return_lse: also return the log-sum-exp [B, H, Sq] (fp32; -inf on rows with no key).
         impl: "auto" (Triton on CUDA, the blockwise PyTorch path on CPU), "triton", "torch".
 
     Other Parameters:
         q_tile, kv_tile: tile shapes (an int, or one size per grid axis); default: the tile
-            search of spcompile.plan.choose.
+            search of spcompile.plan.choose. TopK's tiles are its blocks.
 
     Rows that see no key give 0 (LSE -inf), never NaN. Differentiable in q, k and v. Inside
     ``torch.compile`` it traces to one custom op with no graph break; build the pattern outside
@@ -64,13 +65,12 @@ def sparse_attention(
     if isinstance(pattern, Dense) and not return_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    if isinstance(pattern, TopK):
-        raise NotImplementedError("sparse_attention: TopK kernels are not built yet; "
-                                  "use reference_attention for its semantics")
     if isinstance(pattern, PerHead):
         return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile)
-    out, lse = attention_op(q, k, v, pattern_key(pattern), scale, impl, _tile_arg(q_tile),
-                            _tile_arg(kv_tile))
+    key = pattern_key(pattern)
+    blocks = topk_select_op(q, k, key, scale) if isinstance(pattern, TopK) else None
+    out, lse = attention_op(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile),
+                            blocks)
     return (out, lse) if return_lse else out
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .plan.tiles import MaskFn, TilePlan, kv_tokens, visit_passes
+
+if TYPE_CHECKING:
+    from .plan.topk import BlockLists
 
 
 def _gather_tiles(x: Tensor, tokens: Tensor, n_tiles: int) -> Tensor:
@@ -66,21 +70,40 @@ class _Tiles:
         """[B, H_kv, S, X] -> [B, H_kv, nk, Tk, X]."""
         return _gather_tiles(x.to(self.acc_dtype), self.k_tok, self.nk)
 
+    def lists(self, idx: Tensor, cnt: Tensor) -> tuple[Tensor, Tensor]:
+        """Lists as [B', Hkv', G', nq, W] / [B', Hkv', G', nq], broadcastable to the heads: a
+        static plan's [nq, W] is shared by every head; run-time lists [B * Hs, nq, W] have one
+        list per head, or per GQA group (Hs = H_kv)."""
+        if idx.dim() == 2:
+            return idx.view(1, 1, 1, *idx.shape), cnt.view(1, 1, 1, -1)
+        g = self.group if idx.shape[0] == self.batch * self.kv_heads * self.group else 1
+        return (idx.view(self.batch, self.kv_heads, g, *idx.shape[1:]),
+                cnt.view(self.batch, self.kv_heads, g, -1))
+
+    def take(self, x: Tensor, tiles: Tensor) -> Tensor:
+        """Key tiles x [B, H_kv, nk, Tk, X] at ``tiles`` [B', Hkv', G', nq] -> [B, H_kv, G', nq,
+        Tk, X] (one gather per (batch, kv head))."""
+        bi = torch.arange(self.batch, device=x.device).view(-1, 1, 1, 1)
+        hi = torch.arange(self.kv_heads, device=x.device).view(1, -1, 1, 1)
+        return x[bi, hi, tiles]
+
     def keep(self, tiles: Tensor, active: Tensor, mask: MaskFn | None) -> Tensor:
-        """Bool [nq, Tq, Tk]: pairs of this slot that count (active slot, mask, real keys)."""
-        keep = active[:, None, None].expand(self.nq, self.tq, self.tk)
+        """Bool [..., nq, Tq, Tk]: pairs of this slot that count (active slot, mask, real keys)."""
+        keep = active[..., None, None]
         if mask is None:
             return keep
-        kj = self.k_tok.view(self.nk, self.tk)[tiles]  # [nq, Tk]
+        kj = self.k_tok.view(self.nk, self.tk)[tiles]  # [..., nq, Tk]
         qi = self.q_tok.view(self.nq, self.tq)
-        allowed = mask(qi.clamp_min(0)[:, :, None], kj.clamp_min(0)[:, None, :])
-        return keep & allowed & (kj >= 0)[:, None, :]
+        allowed = mask(qi.clamp_min(0)[:, :, None], kj.clamp_min(0)[..., None, :])
+        return keep & allowed & (kj >= 0)[..., None, :]
 
 
 def blockwise_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
+    lists: BlockLists | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32/fp64) over the plan's tiles."""
+    """(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32/fp64) over the plan's tiles, or
+    over run-time ``lists`` (TopK)."""
     b, h, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     t = _Tiles.of(plan, q, k)
@@ -89,12 +112,13 @@ def blockwise_attention(
                    device=q.device)
     denom = torch.zeros_like(m)
     acc = torch.zeros(*m.shape, v.shape[-1], dtype=t.acc_dtype, device=q.device)
-    for idx, cnt, mask in visit_passes(plan, q.device):
+    for idx, cnt, mask in visit_passes(plan, q.device, lists):
+        idx, cnt = t.lists(idx, cnt)
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
-            active = slot < cnt  # [nq]
-            tiles = idx[:, slot]
-            ks, vs = kt[:, :, tiles], vt[:, :, tiles]  # [B, H_kv, nq, Tk, D]
-            s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
+            active = slot < cnt  # [B', Hkv', G', nq]
+            tiles = idx[..., slot]
+            ks, vs = t.take(kt, tiles), t.take(vt, tiles)  # [B, H_kv, G', nq, Tk, D]
+            s = qt @ ks.transpose(-1, -2) * scale
             keep = t.keep(tiles, active, mask)
             s = s.masked_fill(~keep, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
@@ -102,7 +126,7 @@ def blockwise_attention(
             p = torch.exp(s - m_use[..., None])
             alpha = torch.exp(m - m_use)
             denom = denom * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + torch.einsum("bhgqmn,bhqnd->bhgqmd", p, vs)
+            acc = acc * alpha[..., None] + p @ vs
             m = m_new
     empty = denom == 0
     out_t = acc / torch.where(empty, torch.ones_like(denom), denom)[..., None]
@@ -118,7 +142,7 @@ def blockwise_attention(
 
 def blockwise_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
-    scale: float | None = None,
+    scale: float | None = None, lists: BlockLists | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) over the plan's tiles, the same recurrences as the Triton backward.
 
@@ -139,22 +163,25 @@ def blockwise_attention_backward(
     dk_t = torch.zeros_like(kt)
     dv_t = torch.zeros_like(vt)
     q_valid = (t.q_tok.view(t.nq, t.tq) >= 0)[:, :, None]
-    for idx, cnt, mask in visit_passes(plan, q.device):
+    bi = torch.arange(b, device=q.device).view(-1, 1, 1, 1)
+    hi = torch.arange(h_kv, device=q.device).view(1, -1, 1, 1)
+    for idx, cnt, mask in visit_passes(plan, q.device, lists):
+        idx, cnt = t.lists(idx, cnt)
         for slot in range(int(cnt.max()) if cnt.numel() else 0):
             active = slot < cnt
-            tiles = idx[:, slot]
-            ks, vs = kt[:, :, tiles], vt[:, :, tiles]
-            s = torch.einsum("bhgqmd,bhqnd->bhgqmn", qt, ks) * scale
+            tiles = idx[..., slot]
+            ks, vs = t.take(kt, tiles), t.take(vt, tiles)
+            s = qt @ ks.transpose(-1, -2) * scale
             keep = t.keep(tiles, active, mask) & q_valid
-            p = torch.exp(s - lse_t[..., None]) * keep
-            dp = torch.einsum("bhgqmd,bhqnd->bhgqmn", dot, vs)
+            p = torch.exp(s - lse_t[..., None]) * keep  # inactive slots: all zero
+            dp = dot @ vs.transpose(-1, -2)
             ds = p * (dp - deltat[..., None])
-            dq_t += torch.einsum("bhgqmn,bhqnd->bhgqmd", ds, ks) * scale
-            dk_slot = torch.einsum("bhgqmn,bhgqmd->bhqnd", ds, qt) * scale
-            dv_slot = torch.einsum("bhgqmn,bhgqmd->bhqnd", p, dot)
-            use = active.nonzero().squeeze(1)
-            dk_t.index_add_(2, tiles[use], dk_slot[:, :, use])
-            dv_t.index_add_(2, tiles[use], dv_slot[:, :, use])
+            dq_t += ds @ ks * scale
+            dk_slot = ds.transpose(-1, -2) @ qt * scale  # [B, H_kv, G, nq, Tk, D]
+            dv_slot = p.transpose(-1, -2) @ dot
+            at = (bi, hi, tiles.expand(b, h_kv, t.group, t.nq))
+            dk_t.index_put_(at, dk_slot, accumulate=True)
+            dv_t.index_put_(at, dv_slot, accumulate=True)
 
     def scatter(x: Tensor, tok: Tensor, length: int, heads: int) -> Tensor:
         """Tile rows back to token rows; a key in the main tiles and in the gather segment

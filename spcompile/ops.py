@@ -6,19 +6,25 @@ AOTAutograd traces the backward op. Plans are rebuilt from that string through a
 call costs a dict lookup after the first.
 
 LSE is an output for callers that merge attention results; it is not differentiable.
+
+TopK is two ops: ``spcompile::topk_select`` estimates the selection (bool blocks [B, Hs, n, n]),
+and ``spcompile::attention`` takes it as ``blocks``. The backward reuses the forward's blocks
+(saved like any input), so the gradients are those of exactly the attention that ran.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .blockwise import blockwise_attention, blockwise_attention_backward
 from .plan.tiles import TilePlan, build_plan
-from .spec.patterns import Pattern, pattern_from_dict
+from .plan.topk import BlockLists, block_lists, estimate_blocks
+from .spec.patterns import Pattern, TopK, pattern_from_dict
 
 
 def pattern_key(pattern: Pattern) -> str:
@@ -42,22 +48,61 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+@torch.library.custom_op("spcompile::topk_select", mutates_args=())
+def topk_select_op(q: Tensor, k: Tensor, pattern: str, scale: float) -> Tensor:
+    """Bool [B, Hs, n, n]: a TopK pattern's selected key blocks per query block (Hs = H, or
+    H_kv when a GQA group shares one selection)."""
+    return estimate_blocks(_topk(pattern), q, k, scale)
+
+
+@topk_select_op.register_fake
+def _topk_select_fake(q, k, pattern, scale):
+    p = _topk(pattern)
+    n = -(-q.shape[2] // p.block)
+    heads = k.shape[1] if p.share_gqa else q.shape[1]
+    return q.new_empty((q.shape[0], heads, n, n), dtype=torch.bool)
+
+
+def _topk(key: str) -> TopK:
+    p = pattern_from_key(key)
+    if not isinstance(p, TopK):
+        raise TypeError(f"spcompile::topk_select: expected a TopK pattern, got {p.kind}")
+    return p
+
+
+def _lists(pattern: str, blocks: Tensor | None, kv_len: int, heads: int,
+           transposed: bool = False) -> BlockLists | None:
+    """Run-time lists of a TopK selection (None for static patterns, whose plan has them)."""
+    p = pattern_from_key(pattern)
+    if isinstance(p, TopK) != (blocks is not None):
+        raise ValueError(f"spcompile::attention: blocks are required for TopK and only for it "
+                         f"(pattern {p.kind}, blocks {'given' if blocks is not None else 'None'})")
+    if blocks is None:
+        return None
+    assert isinstance(p, TopK)
+    return block_lists(p, blocks, kv_len, heads, transposed)
+
+
 @torch.library.custom_op("spcompile::attention", mutates_args=())
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, impl: str,
-    q_tile: list[int], kv_tile: list[int],
+    q_tile: list[int], kv_tile: list[int], blocks: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Sq, Dv], lse [B, H, Sq]) of ``pattern`` on q [B, H, Sq, D], k/v [B, Hkv, ...]."""
+    """(out [B, H, Sq, Dv], lse [B, H, Sq]) of ``pattern`` on q [B, H, Sq, D], k/v [B, Hkv, ...].
+
+    ``blocks``: a TopK selection from ``topk_select_op`` (None for every other pattern).
+    """
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
+    lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
         from .codegen.fwd import attn_fwd
 
-        return attn_fwd(q, k, v, plan, scale)
-    return blockwise_attention(q, k, v, plan, scale)
+        return attn_fwd(q, k, v, plan, scale, lists=lists)
+    return blockwise_attention(q, k, v, plan, scale, lists=lists)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, pattern, scale, impl, q_tile, kv_tile):
+def _attention_fake(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks=None):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
     return out, lse
@@ -67,31 +112,35 @@ def _attention_fake(q, k, v, pattern, scale, impl, q_tile, kv_tile):
 def attention_backward_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pattern: str,
     scale: float, impl: str, q_tile: list[int], kv_tile: list[int],
+    blocks: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
+    lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
         from .codegen.bwd import attn_bwd
 
-        return attn_bwd(do, q, k, v, out, lse, plan, scale)
-    return blockwise_attention_backward(do, q, k, v, out, lse, plan, scale)
+        lists_t = _lists(pattern, blocks, k.shape[2], q.shape[1], transposed=True)
+        return attn_bwd(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t)
+    return blockwise_attention_backward(do, q, k, v, out, lse, plan, scale, lists=lists)
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(do, q, k, v, out, lse, pattern, scale, impl, q_tile, kv_tile):
+def _attention_backward_fake(do, q, k, v, out, lse, pattern, scale, impl, q_tile, kv_tile,
+                             blocks=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, scale, impl, q_tile, kv_tile = inputs
+    q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, blocks)
     ctx.args = (pattern, scale, impl, q_tile, kv_tile)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, blocks = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -33,9 +33,14 @@ from .fwd import (
     fwd_loops,
     kernel_name,
     kv_source_lines,
+    list_args,
+    list_pointers,
     padded_dim,
     step_mask,
 )
+
+if TYPE_CHECKING:
+    from ..plan.topk import BlockLists
 
 _HEADER = '''
 import triton
@@ -52,8 +57,8 @@ def {name}(
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dkb, s_dkh, s_dks, s_dvb, s_dvh, s_dvs,
-    full_stride, part_stride, BHK,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, N_Q_TILES: tl.constexpr,
+    full_stride, part_stride, lst_full, lst_part, lst_cnt, BHK,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr, N_Q_TILES: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -103,8 +108,8 @@ def attn_bwd_dq_kernel(
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dqb, s_dqh, s_dqs,
-    full_stride, part_stride, BH,
-    H: tl.constexpr, GROUP: tl.constexpr,
+    full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
+    H: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -115,6 +120,7 @@ def attn_bwd_dq_kernel(
     b = bh // H
     h = bh % H
     hk = h // GROUP
+{lists}
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -183,11 +189,12 @@ def _dkdv_loops(plan: TilePlan, source: str) -> str:
         body = ["for tile in range(N_Q_TILES):", *("    " + x for x in step)]
     else:
         body = [
-            "for it2 in range(tl.load(FULL_CNT + kv_tile)):",
-            "    tile = tl.load(FULL_IDX + kv_tile * full_stride + it2)",
+            *list_pointers(plan, "H_KV * GROUP"),
+            "for it2 in range(tl.load(l_fc + kv_tile)):",
+            "    tile = tl.load(l_fi + kv_tile * full_stride + it2)",
             *("    " + x for x in _dkdv_step(plan, source, False)),
-            "for it2 in range(tl.load(PART_CNT + kv_tile)):",
-            "    tile = tl.load(PART_IDX + kv_tile * part_stride + it2)",
+            "for it2 in range(tl.load(l_pc + kv_tile)):",
+            "    tile = tl.load(l_pi + kv_tile * part_stride + it2)",
             *("    " + x for x in _dkdv_step(plan, source, True)),
         ]
     return _indent(body, 8)
@@ -232,6 +239,7 @@ def _dkdv_source(plan: TilePlan, source: str, name: str) -> str:
 def bwd_source(plan: TilePlan) -> str:
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
+        lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
@@ -262,8 +270,13 @@ def _bwd_module(plan: TilePlan) -> Any:
 def attn_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
     scale: float | None = None, config: LaunchConfig | None = None,
+    lists: BlockLists | None = None, lists_t: BlockLists | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of attn_fwd's output; shapes and dtypes as q, k, v."""
+    """Gradients (dq, dk, dv) of attn_fwd's output; shapes and dtypes as q, k, v.
+
+    ``lists`` / ``lists_t``: a data-dependent plan's run-time lists, per query tile and per key
+    tile (``plan.topk.block_lists(..., transposed=True)``).
+    """
     check_tiles(plan)
     b, h, _, d = q.shape
     h_kv, dv_dim = k.shape[1], v.shape[3]
@@ -292,11 +305,11 @@ def attn_bwd(
     gather = t.get("gather", t["full_cnt"])
     dkdv_args = (scale, aux_stride, *strides,
                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2))
+    t_tensors, t_strides, t_group = list_args(plan, t, lists_t, transposed=True)
     module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
-        q, k, v, do, lse, delta, dk, dv,
-        t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux, gather,
-        *dkdv_args, t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), b * h_kv,
-        H_KV=h_kv, GROUP=h // h_kv, N_Q_TILES=plan.num_q_tiles,
+        q, k, v, do, lse, delta, dk, dv, *t_tensors, aux, gather,
+        *dkdv_args, *t_strides, b * h_kv,
+        H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=t_group, N_Q_TILES=plan.num_q_tiles,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if plan.gather is not None:
@@ -307,12 +320,12 @@ def attn_bwd(
         dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
         module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
             q, k, v, do, lse, delta, dk_g, dv_g,
-            t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"], aux, gather,
+            *t_tensors, aux, gather,
             scale, aux_stride, *strides,
             dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
             dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
-            0, 0, b * h_kv,
-            H_KV=h_kv, GROUP=h // h_kv, N_Q_TILES=plan.num_q_tiles,
+            0, 0, 0, 0, 0, b * h_kv,
+            H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=1, N_Q_TILES=plan.num_q_tiles,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
         slots = (plan.gather.tokens >= 0).nonzero().squeeze(1).to(k.device)
@@ -321,13 +334,12 @@ def attn_bwd(
                                  + dk_g.index_select(2, slots)).to(dk.dtype))
         dv.index_copy_(2, keys, (dv.index_select(2, keys).float()
                                  + dv_g.index_select(2, slots)).to(dv.dtype))
+    q_tensors, q_strides, q_group = list_args(plan, t, lists, transposed=False)
     module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
-        q, k, v, do, lse, delta, dq,
-        t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"], aux, gather,
+        q, k, v, do, lse, delta, dq, *q_tensors, aux, gather,
         scale, aux_stride, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
-        H=h, GROUP=h // h_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        dq.stride(0), dq.stride(1), dq.stride(2), *q_strides, b * h,
+        H=h, GROUP=h // h_kv, LIST_GROUP=q_group,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     return dq, dk, dv

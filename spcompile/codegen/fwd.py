@@ -21,7 +21,7 @@ import os
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from ..plan.layout import TokenLayout
 from ..plan.tiles import TilePlan
 from .cache import load_source
 from .emit import layout_code, mask_expr, needs_aux
+
+if TYPE_CHECKING:
+    from ..plan.topk import BlockLists
 
 _TEMPLATE = '''
 import triton
@@ -41,8 +44,8 @@ def attn_fwd_kernel(
     Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER,{desc_args}
     sm_scale, AUX_STRIDE,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
-    full_stride, part_stride, BH,
-    H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
+    full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
+    H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -53,6 +56,7 @@ def attn_fwd_kernel(
     b = bh // H
     h = bh % H
     hk = h // GROUP
+{lists}
     tile = tl.load(SCHEDULE + rank)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -174,17 +178,28 @@ def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False) -> l
     return lines
 
 
+def list_pointers(plan: TilePlan, heads: str) -> list[str]:
+    """Lines defining l_fi, l_fc, l_pi, l_pc: this program's lists. A static plan has one set
+    for every head; run-time (TopK) lists lead with l = (b * heads + h) // LIST_GROUP."""
+    names = (("l_fi", "FULL_IDX", "lst_full"), ("l_fc", "FULL_CNT", "lst_cnt"),
+             ("l_pi", "PART_IDX", "lst_part"), ("l_pc", "PART_CNT", "lst_cnt"))
+    if plan.pattern.static:
+        return [f"{var} = {arg}" for var, arg, _ in names]
+    lines = [f"lh = ((b * {heads} + h) // LIST_GROUP).to(tl.int64)"]
+    return lines + [f"{var} = {arg} + lh * {stride}" for var, arg, stride in names]
+
+
 def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
               tile: str = "tile") -> str:
     """The visiting loops over the plan: FULL list, PARTIAL list, then the gather segment."""
     out = [
-        f"n_full = tl.load(FULL_CNT + {tile})",
+        f"n_full = tl.load(l_fc + {tile})",
         "for it in range(n_full):",
-        f"    kv_tile = tl.load(FULL_IDX + {tile} * full_stride + it)",
+        f"    kv_tile = tl.load(l_fi + {tile} * full_stride + it)",
         *("    " + x for x in step(plan, "tile", False)),
-        f"n_part = tl.load(PART_CNT + {tile})",
+        f"n_part = tl.load(l_pc + {tile})",
         "for it in range(n_part):",
-        f"    kv_tile = tl.load(PART_IDX + {tile} * part_stride + it)",
+        f"    kv_tile = tl.load(l_pi + {tile} * part_stride + it)",
         *("    " + x for x in step(plan, "tile", True)),
     ]
     if plan.gather is not None:
@@ -232,6 +247,7 @@ def fwd_source(plan: TilePlan, tma: bool = False) -> str:
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     return _TEMPLATE.format(
         desc_args=" QD, KD, VD, OD," if tma else "",
+        lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
@@ -342,12 +358,30 @@ def _fwd_module(plan: TilePlan, tma: bool) -> Any:
     return load_source(name, fwd_source(plan, tma=tma))
 
 
+def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, transposed: bool
+              ) -> tuple[list[Tensor], list[int], int]:
+    """(index and count tensors, their strides (tile, list) and LIST_GROUP) for a kernel launch:
+    the plan's own lists, or run-time ``lists`` for data-dependent patterns."""
+    if plan.pattern.static != (lists is None):
+        raise ValueError(f"{plan.pattern.kind}: run-time lists are needed exactly for "
+                         "data-dependent patterns")
+    if lists is None:
+        p = "t_" if transposed else ""
+        tensors = [t[p + "full_idx"], t[p + "full_cnt"], t[p + "part_idx"], t[p + "part_cnt"]]
+        return tensors, [tensors[0].stride(0), tensors[2].stride(0), 0, 0, 0], 1
+    tensors = [lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt]
+    strides = [lists.full_idx.stride(1), lists.part_idx.stride(1), lists.full_idx.stride(0),
+               lists.part_idx.stride(0), lists.full_cnt.stride(0)]
+    return tensors, strides, lists.heads_per_list
+
+
 def attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
-    config: LaunchConfig | None = None,
+    config: LaunchConfig | None = None, lists: BlockLists | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the forward kernel. q [B, H, Sq, D]; k [B, H_kv, Skv, D]; v [B, H_kv, Skv, Dv].
 
+    ``lists``: the run-time visiting lists of a data-dependent plan (TopK), else None.
     Returns (out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32, natural log).
     """
     b, h, sq, d = q.shape
@@ -367,14 +401,14 @@ def attn_fwd(
     config = config or default_config(plan)
     grid = (plan.num_q_tiles * b * h,)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    tensors, strides, list_group = list_args(plan, t, lists, transposed=False)
     module.attn_fwd_kernel[grid](
-        q, k, v, out, lse, t["full_idx"], t["full_cnt"], t["part_idx"], t["part_cnt"],
-        t["schedule"], aux, t.get("gather", t["full_cnt"]), *descriptors, scale, aux_stride,
+        q, k, v, out, lse, *tensors, t["schedule"], aux, t.get("gather", t["full_cnt"]),
+        *descriptors, scale, aux_stride,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        t["full_idx"].stride(0), t["part_idx"].stride(0), b * h,
-        H=h, H_KV=h_kv, GROUP=h // h_kv, HEAD_DIM=d, HEAD_DIM_V=dv,
+        lse.stride(0), lse.stride(1), *strides, b * h,
+        H=h, H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=list_group, HEAD_DIM=d, HEAD_DIM_V=dv,
         BLOCK_D=padded_dim(d), BLOCK_DV=padded_dim(dv),
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
