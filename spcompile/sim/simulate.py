@@ -282,20 +282,22 @@ def _topk_counts(p: TopK, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     return visited - partial, partial, how
 
 
-def _topk_estimation_ms(problem: Problem, n: int, profile: Profile) -> tuple[float, str]:
-    """Pool q and k (read once), score pooled blocks (a matmul), select (read the scores)."""
-    e = problem.elem_bytes
-    rows = problem.batch * (problem.heads + problem.kv_heads)
-    read = rows * problem.q_len * problem.head_dim * e
-    scores = problem.batch * problem.heads * n * n * 4  # fp32
-    traffic = read + 3 * scores  # write scores, softmax read+write folded into one, select read
-    flops = 2.0 * problem.batch * problem.heads * n * n * problem.head_dim
-    rate = profile.matmul_rate(problem.dtype)
-    ms = (max(flops / rate, traffic / (profile.hbm_gbps * 1e9))
-          + 3 * profile.launch_us * 1e-6) * 1e3
-    text = (f"{ms:.3f} ms: pool q and k ({read / 1e6:.0f} MB read once), score {n}x{n} pooled "
-            f"blocks per head ({flops / 1e9:.1f} GFLOP), select from {scores / 1e6:.0f} MB of "
-            "scores")
+def _topk_estimation_ms(p: TopK, problem: Problem, profile: Profile) -> tuple[float, str]:
+    """The estimation's passes (``plan.topk.estimation_passes``, the same ops the run makes):
+    each costs its bytes at HBM bandwidth or its fp32 FLOPs at the fp32 matmul rate, plus
+    launches."""
+    from ..plan.topk import LAUNCHES_PER_PASS, estimation_passes
+
+    passes = estimation_passes(p, problem.batch, problem.heads, problem.kv_heads,
+                               problem.q_len, problem.head_dim, problem.elem_bytes)
+    fp32 = profile.matmul_rate("fp32")
+    hbm = profile.hbm_gbps * 1e9
+    ms = sum(max(flops / fp32, moved / hbm) for _, moved, flops in passes) * 1e3
+    ms += len(passes) * LAUNCHES_PER_PASS * profile.launch_us * 1e-3
+    moved = sum(m for _, m, _ in passes)
+    flops = sum(f for _, _, f in passes)
+    text = (f"{ms:.3f} ms: {len(passes)} passes ({', '.join(w for w, _, _ in passes)}) moving "
+            f"{moved / 1e6:.0f} MB, {flops / 1e9:.1f} GFLOP of fp32 block scores")
     return ms, text
 
 
@@ -308,7 +310,7 @@ def _topk(p: TopK, problem: Problem, profile: Profile) -> SimReport:
     config = default_config(plan_like)
     key = LaunchKey(p.block, p.block, config.num_warps, config.num_stages)
     cost = launch_cost(workload_from_counts(full, partial, problem, key), profile, problem.dtype)
-    est_ms, est_text = _topk_estimation_ms(problem, n, profile)
+    est_ms, est_text = _topk_estimation_ms(p, problem, profile)
     visited = int((full + partial).sum())
     pairs = (visited * p.block * p.block
              - int(partial.sum()) * p.block * (p.block - 1) // 2)
