@@ -17,12 +17,15 @@ class Row:
     id: str
     pattern: sp.Pattern
     seq_len: int
-    goal: float  # forward speedup over dense SDPA
+    goal: float | None  # forward speedup over dense SDPA (None: TARGETS.md sets none)
     flex: bool = True  # also time FlexAttention (skipped where it is known to be impractical)
+    structured: bool = False  # TopK: also measure the attention mass kept on structured inputs
 
 
 def suite() -> list[Row]:
     na2d = (128, 128)
+    # StreamingLLM: 4 attention sinks and a causal window of 4096 keys.
+    streaming = sp.AnyOf(sp.Sliding(window=4096, causal=True), sp.Global(first=4), causal=True)
     return [
         Row("sw16k", sp.Sliding(left=1024, right=1024), 16384, 7.0),
         Row("sw32k", sp.Sliding(left=1024, right=1024), 32768, 13.0),
@@ -37,4 +40,10 @@ def suite() -> list[Row]:
         Row("hunyuan_na", sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24)), 115200, 4.5),
         Row("hunyuan_gna", sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
                                            stride=(16, 8, 8)), 115200, 9.5),
+        # Issue 6: data-dependent, long-context and per-head rows. Estimation is timed.
+        Row("topk64k", sp.TopK(block=64, k=16, sink=1, local=2), 65536, 10.0, flex=False,
+            structured=True),
+        Row("stream128k", streaming, 131072, None),
+        Row("mixed32k", sp.PerHead({range(0, 4): sp.Dense(), range(4, 24): streaming}), 32768,
+            None, flex=False),
     ]

@@ -10,6 +10,7 @@ defaults in spcompile.codegen.fwd.default_config / spcompile.plan.choose.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -22,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import B, D, H, bench, sampled_error
 from suite import suite
 
+import spcompile as sp
 from spcompile.codegen.bwd import attn_bwd
 from spcompile.codegen.fwd import LaunchConfig, attn_fwd
 from spcompile.plan.choose import best_boxes
 from spcompile.plan.tiles import build_plan, grid_of
+from spcompile.plan.topk import block_lists, estimate_blocks
 
 
 def main() -> None:
@@ -35,6 +38,9 @@ def main() -> None:
     parser.add_argument("--bwd", action="store_true", help="sweep the backward kernels")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
+    if any(isinstance(r.pattern, sp.TopK) for r in rows):
+        tune_topk([r for r in rows if isinstance(r.pattern, sp.TopK)], args.out)
+        return
     if args.bwd:
         tune_bwd(rows, args.out)
         return
@@ -67,6 +73,37 @@ def main() -> None:
         print("BEST", json.dumps(best), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def tune_topk(rows, out_path: str) -> None:
+    """TopK: launch configs of the forward and backward kernels over one fixed selection
+    (estimation excluded: it does not depend on the launch)."""
+    results = []
+    for row in rows:
+        s, p = row.seq_len, row.pattern
+        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        plan = build_plan(p, s, s)
+        sel = estimate_blocks(p, q, k)
+        lists, lists_t = block_lists(p, sel, s, H), block_lists(p, sel, s, H, transposed=True)
+        out, lse = attn_fwd(q, k, v, plan, lists=lists)
+        for warps, stages in itertools.product((4, 8), (1, 2, 3, 4)):
+            cfg = LaunchConfig(warps, stages)
+            try:
+                fwd = bench(functools.partial(attn_fwd, q, k, v, plan, config=cfg,
+                                              lists=lists))
+                bwd = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan,
+                                              config=cfg, lists=lists, lists_t=lists_t))
+            except Exception as e:
+                print(row.id, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
+                continue
+            res = {"id": row.id, "warps": warps, "stages": stages, "fwd_ms": fwd,
+                   "bwd_ms": bwd, "fwd_speedup_no_estimation": sdpa / fwd}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    if out_path:
+        Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 def tune_bwd(rows, out_path: str) -> None:
