@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import attention_op, pattern_key, topk_select_op
+from .ops import attention_forward, attention_op, pattern_key, topk_select_op
+from .plan.topk import estimate_blocks
 from .reference import check_qkv
 from .spec.patterns import Dense, Pattern, PerHead, TopK
 
@@ -68,9 +69,14 @@ def sparse_attention(
     if isinstance(pattern, PerHead):
         return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile)
     key = pattern_key(pattern)
-    blocks = topk_select_op(q, k, key, scale) if isinstance(pattern, TopK) else None
-    out, lse = attention_op(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile),
-                            blocks)
+    direct = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    blocks = None
+    if isinstance(pattern, TopK):
+        blocks = estimate_blocks(pattern, q, k, scale) if direct else \
+            topk_select_op(q, k, key, scale)
+    run = attention_forward if direct else attention_op
+    out, lse = run(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile), blocks)
     return (out, lse) if return_lse else out
 
 

@@ -40,8 +40,15 @@ def pattern_from_key(key: str) -> Pattern:
 def plan_for(
     key: str, q_len: int, kv_len: int, q_tile: list[int], kv_tile: list[int], head_dim: int
 ) -> TilePlan:
-    return build_plan(pattern_from_key(key), q_len, kv_len, tuple(q_tile) or None,
-                      tuple(kv_tile) or None, head_dim)
+    return _plan_for(key, q_len, kv_len, tuple(q_tile), tuple(kv_tile), head_dim)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_for(key: str, q_len: int, kv_len: int, q_tile: tuple[int, ...],
+              kv_tile: tuple[int, ...], head_dim: int) -> TilePlan:
+    """One dict lookup per call once warm (build_plan's own checks cost ~20 us a call)."""
+    return build_plan(pattern_from_key(key), q_len, kv_len, q_tile or None, kv_tile or None,
+                      head_dim)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -92,6 +99,15 @@ def attention_op(
 
     ``blocks``: a TopK selection from ``topk_select_op`` (None for every other pattern).
     """
+    return attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks)
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, impl: str,
+    q_tile: list[int], kv_tile: list[int], blocks: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The op's body. Eager calls that need no gradient run it directly: the custom-op and
+    autograd dispatch around it cost ~60 us a call on a CPU core, more than a small kernel."""
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":

@@ -136,3 +136,18 @@ def test_bad_inputs_say_what_came():
         sparse_attention(q, q, q, sp.Sliding(window=3), impl="cuda")
     with pytest.raises(ValueError, match="holds 64 tokens"):
         sparse_attention(q, q, q, sp.Neighborhood(shape=(8, 8), window=3))
+
+
+def test_no_grad_calls_skip_the_op_dispatch_and_agree(monkeypatch):
+    """Without autograd or compilation the body runs directly (no custom-op dispatch); the
+    result is the op's."""
+    import spcompile.attention as attention
+
+    pattern = sp.Sliding(window=5, causal=True)
+    q = torch.randn(1, 2, 40, 16)
+    via_op = sparse_attention(q.requires_grad_(), q, q, pattern, impl="torch").detach()
+    calls = []
+    monkeypatch.setattr(attention, "attention_op", lambda *a: calls.append(a))
+    with torch.no_grad():
+        direct = sparse_attention(q, q, q, pattern, impl="torch")
+    assert not calls and torch.equal(direct, via_op)
