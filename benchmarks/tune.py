@@ -107,7 +107,9 @@ def tune_topk(rows, out_path: str) -> None:
 
 
 def tune_bwd(rows, out_path: str) -> None:
-    """Backward configs at the forward's default tiles: SDPA fwd+bwd over ours, same run."""
+    """Backward tiles and launch configs: SDPA fwd+bwd over ours (forward at its default tiles),
+    same run. The backward may use other tiles than the forward: it needs only the forward's
+    output and LSE, which do not depend on tiles."""
     results = []
     for row in rows:
         s = row.seq_len
@@ -119,21 +121,30 @@ def tune_bwd(rows, out_path: str) -> None:
             F.scaled_dot_product_attention(qg, kg, vg).backward(do)
 
         sdpa = bench(sdpa_fb)
-        plan = build_plan(row.pattern, s, s)
-        out, lse = attn_fwd(q, k, v, plan)
-        fwd_ms = bench(lambda q=q, k=k, v=v, p=plan: attn_fwd(q, k, v, p))
-        for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+        fwd_plan = build_plan(row.pattern, s, s)
+        out, lse = attn_fwd(q, k, v, fwd_plan)
+        fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+        ref = None  # the first config's gradients: every other config must agree with them
+        for (mq, mk), warps, stages in itertools.product(
+                [(128, 64), (64, 128), (128, 128), (64, 64)], (4, 8), (1, 2, 3)):
+            if grid_of(row.pattern) is None:
+                qt, kt = (mq,), (mk,)
+            else:
+                qt, kt = best_boxes(row.pattern, s, s, mq, mk)
+            plan = build_plan(row.pattern, s, s, qt, kt)
             cfg = LaunchConfig(warps, stages)
             try:
-                attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
-                ms = bench(lambda c=cfg, p=plan, o=out, lz=lse, q=q, k=k, v=v, do=do:
-                           attn_bwd(do, q, k, v, o, lz, p, config=c))
+                grads = attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
+                ms = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
             except Exception as e:
-                print(row.id, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
+                print(row.id, qt, kt, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
                 continue
-            res = {"id": row.id, "warps": warps, "stages": stages, "bwd_ms": ms,
-                   "fwd_ms": fwd_ms, "fb_speedup": sdpa / (fwd_ms + ms),
-                   "q": plan.q_tile, "kv": plan.kv_tile}
+            ref = grads if ref is None else ref
+            err = max(float((a.float() - b.float()).norm() / b.float().norm())
+                      for a, b in zip(grads, ref, strict=True))
+            res = {"id": row.id, "q": qt, "kv": kt, "warps": warps, "stages": stages,
+                   "bwd_ms": ms, "fwd_ms": fwd_ms, "fb_speedup": sdpa / (fwd_ms + ms),
+                   "agreement": err, "fwd_tiles": (fwd_plan.q_tile, fwd_plan.kv_tile)}
             results.append(res)
             print(json.dumps(res), flush=True)
         best = max((r for r in results if r["id"] == row.id), key=lambda r: r["fb_speedup"])
