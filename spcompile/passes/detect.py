@@ -54,6 +54,7 @@ from .fxutil import (
     differ,
     is_attribute,
     is_large_negative,
+    lengths_differ,
     ndim,
     norm_dim,
     number,
@@ -701,7 +702,7 @@ def _build(form: str, ctx: Context, *, anchor: fx.Node, q: fx.Node, k: fx.Node, 
                                 "it is scaled too; that is only safe for a 0/-inf mask and this "
                                 "one is not known at compile time")
     is_causal = sdpa_causal or facts.is_causal
-    if sdpa_causal and differ(q_len, kv_len):
+    if sdpa_causal and lengths_differ(q_len, kv_len):
         problems.append(f"is_causal=True with q_len {q_len} != kv_len {kv_len}: SDPA aligns "
                         f"that mask top-left, spcompile's causal is bottom-right")
     if problems:

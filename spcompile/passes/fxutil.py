@@ -175,6 +175,20 @@ def differ(a: Any, b: Any) -> bool:
     return isinstance(a, int) and isinstance(b, int) and a != b
 
 
+def lengths_differ(a: Any, b: Any) -> bool:
+    """True when two sizes differ, guarding on their comparison when one is a SymInt.
+
+    For decisions whose meaning changes with the answer (SDPA's ``is_causal`` is aligned
+    top-left when q_len != kv_len, spcompile's causal bottom-right): under dynamic shapes a
+    query and key length may be two symbols, so :func:`differ` (ints only) cannot tell.
+    ``bool()`` of the SymBool installs a guard on ``a == b`` only; a later call on the other
+    side of it recompiles. Sizes that are neither ints nor SymInts (unknown) never differ.
+    """
+    if not all(isinstance(x, (int, torch.SymInt)) for x in (a, b)) or same_size(a, b):
+        return differ(a, b)
+    return not bool(a == b)
+
+
 def norm_dim(dim: Any, rank: int) -> int | None:
     if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
         return None

@@ -17,8 +17,19 @@ import torch
 from torch import fx
 
 from ..spec.errors import SpecError
-from ..spec.patterns import AnyOf, Dense, Pattern, PerHead, Sliding, TopK
-from ..spec.rules import SiteKey
+from ..spec.patterns import (
+    AnyOf,
+    Blocked,
+    BlockLayout,
+    Dense,
+    Global,
+    Pattern,
+    PerHead,
+    Sliding,
+    Strided,
+    TopK,
+)
+from ..spec.rules import Rule, SiteKey, Spec
 from .detect import find_attention
 from .report import Report, SiteReport, log_report, set_last_report
 
@@ -29,20 +40,67 @@ class LeftDenseError(RuntimeError):
     """Raised in strict mode when a site cannot be rewritten."""
 
 
-def _concrete(value: Any) -> int | None:
-    """An int from an int or a SymInt, else None.
+def _hint(value: Any) -> int | None:
+    """The value of an int or SymInt at capture time, without a guard (None when unknown).
 
-    ``int()`` on a SymInt guards on its value, so a graph compiled with dynamic shapes is
-    specialized to the lengths it was rewritten for. That keeps length-dependent rules
-    (``min_seq_len``, grid volumes, expressions of ``seq_len``) exact; the price is one compile
-    per length. Guarding only on the conditions the matched rule reads would remove it.
+    For reports and predictions only: a decision that changes the graph must not read it,
+    since a later call with another length would reuse that graph without a check.
     """
     if isinstance(value, int):
         return value
-    try:
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else None
+    return None
+
+
+def _specialize(value: Any) -> int | None:
+    """An int from an int or a SymInt (None when neither), guarding on the SymInt's value.
+
+    ``int()`` on a SymInt installs a guard ``s == value``: the compiled graph is then valid for
+    that value only, and another value recompiles. The rewrite does that only where the result
+    really depends on the value: a pattern whose validity needs the lengths (a Neighborhood's
+    grid volume, an explicit block layout, TopK), a rule whose pattern is an expression of the
+    site's sizes, the head count of a ``[B*H, S, D]`` site, and the head dim of a default scale.
+    Rule conditions (``min_seq_len``/``max_seq_len``) guard on their comparisons instead (see
+    :func:`_first_rule`), and 1-D patterns get the symbolic lengths through to the op, which
+    builds its plan from the run-time shapes: one graph serves every length.
+    """
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return int(value)
-    except (TypeError, ValueError):
-        return None
+    return None
+
+
+def _needs_lengths(pattern: Pattern) -> bool:
+    """True when the pattern is only valid, or only means something, at given lengths.
+
+    Sliding, Blocked, Global, Strided and block layouts built from their parameters (DeepSpeed
+    kinds) are defined for every length: the op builds their plan from the run-time shapes, so
+    the rewrite needs no concrete length. Neighborhood rules need length == grid volume, an
+    explicit layout a fixed number of blocks, TopK q_len == kv_len. Any other kind: assume it
+    does (specializing is always correct, only slower to compile).
+    """
+    if isinstance(pattern, AnyOf):
+        return any(_needs_lengths(p) for p in pattern.patterns)
+    if isinstance(pattern, PerHead):
+        return any(_needs_lengths(p) for _, p in pattern.groups)
+    if isinstance(pattern, BlockLayout):
+        return pattern.layout is not None
+    return not isinstance(pattern, (Dense, Sliding, Blocked, Global, Strided))
+
+
+def _first_rule(spec: Spec, key: SiteKey) -> Rule | None:
+    """The first rule whose condition holds for ``key`` (lengths may be SymInts).
+
+    ``min_seq_len``/``max_seq_len`` compare a SymInt with ``>=``/``<=`` and take ``bool()`` of
+    the result: that guards the comparison (e.g. ``s0 >= 4096``), not the value, so lengths on
+    the same side of every threshold share one graph and a length that crosses one recompiles
+    and matches again. A rule with ``grid`` guards length == volume: such rules specialize.
+    """
+    for rule in spec.rules:
+        if rule.mismatch(key) is None:
+            return rule
+    return None
 
 
 def _shape_text(site: Any) -> str:
@@ -61,20 +119,39 @@ def _device_of(node: fx.Node) -> torch.device:
 
 
 def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None]:
-    """(pattern, rule label, reason left dense) for one site."""
+    """(pattern, rule label, reason left dense) for one site.
+
+    Under dynamic shapes the site's lengths are SymInts; see :func:`_specialize` for which
+    decisions guard on what.
+    """
     if spec is None:
         return None, None, "no spec given (options['spec'] or SPCOMPILE_SPEC)"
-    q_len, kv_len = _concrete(site.q_len), _concrete(site.kv_len)
-    key = SiteKey(module_path=site.module_path or "", layer=site.layer, seq_len=q_len,
-                  kv_len=kv_len, num_heads=site.num_heads, head_dim=site.head_dim)
+    key = SiteKey(module_path=site.module_path or "", layer=site.layer, seq_len=site.q_len,
+                  kv_len=site.kv_len, num_heads=_hint(site.num_heads),
+                  head_dim=_hint(site.head_dim))
     try:
-        match = spec.match(key)
-    except SpecError as e:  # a rule matched but its pattern does not fit this site
-        return None, None, e.problems[0].message
-    if match is None:
+        rule = _first_rule(spec, key)
+    except Exception as e:  # e.g. a guard on a length that has no value at compile time
+        return None, None, f"the site's lengths cannot be compared with the rules ({e})"
+    if rule is None:
         return None, None, "no rule matched"
-    rule, pattern = match
     label = rule.label
+    template = rule.static_pattern
+    q_len: Any = site.q_len
+    kv_len: Any = site.kv_len
+    if template is None or _needs_lengths(template):
+        # The pattern is an expression of the sizes, or only valid at some lengths: resolve
+        # and check it at this site's lengths, and compile for these lengths only.
+        q_len, kv_len = _specialize(site.q_len), _specialize(site.kv_len)
+        concrete = SiteKey(module_path=key.module_path, layer=site.layer, seq_len=q_len,
+                           kv_len=kv_len, num_heads=_specialize(site.num_heads),
+                           head_dim=_specialize(site.head_dim))
+        try:
+            pattern = rule.pattern_for(concrete)
+        except SpecError as e:  # the rule matched but its pattern does not fit this site
+            return None, label, e.problems[0].message
+    else:
+        pattern = template
     if isinstance(pattern, Dense):
         return None, label, "the rule says dense"
     if isinstance(pattern, TopK):
@@ -90,10 +167,10 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
         return None, label, f"attention dropout p={site.dropout_p} is active"
     if isinstance(pattern, PerHead) and site.num_heads is not None:
         try:
-            pattern.resolve(site.num_heads)
+            pattern.resolve(_specialize(site.num_heads) or 0)
         except ValueError as e:
             return None, label, str(e)
-    if q_len is not None and kv_len is not None:
+    if isinstance(q_len, int) and isinstance(kv_len, int):
         try:
             pattern.check_lengths(q_len, kv_len)
         except (ValueError, NotImplementedError) as e:
@@ -107,9 +184,10 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
 
 
 def _predict(pattern: Pattern, site: Any) -> tuple[float | None, float | None]:
-    """(density, predicted speedup) for the report; a failure is logged, never raised (the
-    report must not break compilation)."""
-    q_len, kv_len = _concrete(site.q_len), _concrete(site.kv_len)
+    """(density, predicted speedup) for the report, at the lengths seen at capture time under
+    dynamic shapes; a failure is logged, never raised (the report must not break
+    compilation)."""
+    q_len, kv_len = _hint(site.q_len), _hint(site.kv_len)
     if q_len is None or kv_len is None or isinstance(pattern, PerHead):
         return None, None
     from ..plan.tiles import allowed_pairs
@@ -118,8 +196,8 @@ def _predict(pattern: Pattern, site: Any) -> tuple[float | None, float | None]:
     try:
         from ..sim import simulate
 
-        report = simulate(pattern, q_len, kv_len, heads=int(site.num_heads or 1),
-                          head_dim=int(site.head_dim or 64))
+        report = simulate(pattern, q_len, kv_len, heads=_hint(site.num_heads) or 1,
+                          head_dim=_hint(site.head_dim) or 64)
         return density, report.predicted_speedup
     except Exception as e:
         log.warning("spcompile: no simulator prediction for %s: %s", site.module_path, e)
@@ -175,7 +253,8 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
     graph = gm.graph
     k = site.k_compact if site.k_compact is not None else site.k
     v = site.v_compact if site.v_compact is not None else site.v
-    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
+    scale = site.scale if site.scale is not None else \
+        1.0 / math.sqrt(_specialize(site.head_dim) or 1)
     impl = "triton" if _device_of(site.q).type == "cuda" else "torch"
     scale_node = getattr(site, "scale_node", None)
     with graph.inserting_before(site.output):
@@ -190,8 +269,8 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
         elif site.layout == "bhsd-flattened":
             # [B*H, S, D] -> [B, H, S, D]; only the head counts are needed (lengths may be
             # symbolic).
-            heads = int(site.num_heads)
-            kv_heads = int(site.num_kv_heads) if site.k_compact is not None else heads
+            heads = _specialize(site.num_heads)
+            kv_heads = _specialize(site.num_kv_heads) if site.k_compact is not None else heads
             q = graph.call_method("unflatten", (site.q, 0, (-1, heads)))
             k = graph.call_method("unflatten", (k, 0, (-1, kv_heads)))
             v = graph.call_method("unflatten", (v, 0, (-1, kv_heads)))
