@@ -50,9 +50,18 @@ def attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+{work}'''
+
+# How a program picks its work item (Q tile rank, batch x head): numbered rank-major, so that
+# item order is the plan's longest-first schedule.
+_ONE_ITEM = '''\
     pid = tl.program_id(0)
     rank = pid // BH
     bh = pid % BH
+'''
+
+# One work item: everything after the choice of (rank, bh).
+_BODY = '''\
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -245,8 +254,7 @@ def _o_store_tma(layout: TokenLayout) -> str:
 def fwd_source(plan: TilePlan, tma: bool = False) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined)."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
-    return _TEMPLATE.format(
-        desc_args=" QD, KD, VD, OD," if tma else "",
+    body = _BODY.format(
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
@@ -256,6 +264,7 @@ def fwd_source(plan: TilePlan, tma: bool = False) -> str:
         o_store=_indent([_o_store_tma(plan.q_layout) if tma else _O_STORE], 4),
         loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma)),
     )
+    return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=_ONE_ITEM + body)
 
 
 @dataclass(frozen=True)
