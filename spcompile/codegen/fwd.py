@@ -1,13 +1,15 @@
-"""The forward kernel: one Q tile per program, two loops over exactly the plan's KV tiles.
+"""The forward kernel: per Q tile, two loops over exactly the plan's KV tiles.
 
     for each FULL kv tile:    s = q k^T            (no mask arithmetic at all)
     for each PARTIAL kv tile: s = mask(q k^T)      (the pattern's expression, emit.mask_expr)
 
-Online softmax in fp32 with exp2 (the scale folded into log2 e). Programs are numbered
+Online softmax in fp32 with exp2 (the scale folded into log2 e). Work items are numbered
 rank-major over (Q tile rank in the longest-first schedule, batch x head), so every head's
-longest tiles start in the first wave and the short ones fill the tail. Token permutation is
-fused: row r of a tile loads token ``tok(tile, r)`` straight from the unpermuted [B, H, S, D]
-tensors (emit.layout_code).
+longest tiles start in the first wave and the short ones fill the tail. By default each program
+runs one item; the opt-in persistent variant (``LaunchConfig.persistent``, or
+SPCOMPILE_PERSISTENT=1) launches about one wave of programs that stride over the items in the
+same order, generated from the same body. Token permutation is fused: row r of a tile loads
+token ``tok(tile, r)`` straight from the unpermuted [B, H, S, D] tensors (emit.layout_code).
 
 Rows that see no key give 0 and LSE -inf, never NaN: the running max is replaced by 0 while it
 is still -inf, so exp2(-inf - 0) = 0.
@@ -52,15 +54,25 @@ def attn_fwd_kernel(
 ):
 {work}'''
 
-# How a program picks its work item (Q tile rank, batch x head): numbered rank-major, so that
-# item order is the plan's longest-first schedule.
+# How a program picks its work items (Q tile rank, batch x head), numbered rank-major so that
+# item order is the plan's longest-first schedule. Default: one item per program, the grid is
+# every item and the hardware hands the next one to whichever SM frees up first.
 _ONE_ITEM = '''\
     pid = tl.program_id(0)
     rank = pid // BH
     bh = pid % BH
 '''
 
-# One work item: everything after the choice of (rank, bh).
+# Persistent: a grid of about one wave of programs, each striding over the items in the same
+# order; ``_BODY`` runs indented one level deeper inside the loop. Program p takes items p,
+# p + G, p + 2G, ...: the first pass takes the G longest tiles, later passes shorter ones.
+_GRID_STRIDE = '''\
+    for work in tl.range(tl.program_id(0), {num_q_tiles} * BH, tl.num_programs(0)):
+        rank = work // BH
+        bh = work % BH
+'''
+
+# One work item: everything after the choice of (rank, bh), shared by both variants.
 _BODY = '''\
     b = bh // H
     h = bh % H
@@ -251,8 +263,18 @@ def _o_store_tma(layout: TokenLayout) -> str:
             f" out.to(O.dtype.element_ty).reshape({lead}, {box}, BLOCK_DV))")
 
 
-def fwd_source(plan: TilePlan, tma: bool = False) -> str:
-    """The forward kernel's source for this plan (everything but dtypes and head dims inlined)."""
+def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False) -> str:
+    """The forward kernel's source for this plan (everything but dtypes and head dims inlined).
+
+    ``persistent`` wraps the same body in a grid-stride loop over the work items (see
+    ``_GRID_STRIDE``); one body for both variants, so they cannot drift apart. With ``tma`` it
+    loads Q, K and V through descriptors but stores O through pointers: a descriptor store
+    inside the loop gets a shared-memory staging buffer of its own (the one-item kernel reuses
+    freed pipeline buffers for it). Compiled for sm_90, that took the 128x128-tile, 8-warp,
+    3-stage kernel from 224 KiB to 256 KiB, past the H100's 227 KiB per program (and the
+    128x64 4-warp one from 96 to 128 KiB, one program per SM instead of two).
+    """
+    tma_store = tma and not persistent
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     body = _BODY.format(
         lists=_indent(list_pointers(plan, "H"), 4),
@@ -261,20 +283,49 @@ def fwd_source(plan: TilePlan, tma: bool = False) -> str:
         offset=plan.kv_len - plan.q_len,
         q_load=_indent([("q = " + _tma_load(plan.q_layout, "QD", "tile", "h", "H", "BLOCK_M",
                                               "BLOCK_D")) if tma else _Q_LOAD], 4),
-        o_store=_indent([_o_store_tma(plan.q_layout) if tma else _O_STORE], 4),
+        o_store=_indent([_o_store_tma(plan.q_layout) if tma_store else _O_STORE], 4),
         loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma)),
     )
-    return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=_ONE_ITEM + body)
+    if persistent:
+        work = _GRID_STRIDE.format(num_q_tiles=plan.num_q_tiles) + textwrap.indent(body, "    ")
+    else:
+        work = _ONE_ITEM + body
+    return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=work)
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
+    """How a kernel is launched. ``persistent`` and ``programs_per_sm`` apply to the forward only.
+
+    ``persistent``: launch about one wave of programs that loop over the work items (Q tile
+    rank, batch x head) in the longest-first order, instead of one program per item. Off by
+    default until measured (``benchmarks/tune.py --persistent``); ``SPCOMPILE_PERSISTENT=1``
+    turns it on in ``default_config``.
+
+    ``programs_per_sm``: the persistent grid is ``min(items, SMs x programs_per_sm)``. 2 is a
+    guess, not a measurement: at the 4-warp default (128x64 tiles) two programs fit on an H100
+    SM and one can load while the other computes, as the one-item launch does; where only one
+    fits (128x128 tiles, 3 stages, head dim 128) the second waits its turn. Measure 1 vs 2.
+    """
+
     num_warps: int
     num_stages: int
+    persistent: bool = False
+    programs_per_sm: int = 2
+
+    def __post_init__(self) -> None:
+        if self.programs_per_sm < 1:
+            raise ValueError(f"programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def persistent_default() -> bool:
+    """Whether ``default_config`` asks for the persistent forward: ``SPCOMPILE_PERSISTENT=1``.
+    Read per call, so a process can compare both (it is one dict lookup)."""
+    return os.environ.get("SPCOMPILE_PERSISTENT", "0") == "1"
 
 
 def default_config(plan: TilePlan) -> LaunchConfig:
@@ -282,12 +333,14 @@ def default_config(plan: TilePlan) -> LaunchConfig:
 
     128x64 tiles: 4 warps, 2 stages (blk16k 10.3x; 8 warps 7.6x). 128x128 tiles: 8 warps,
     3 stages (na2d31 5.8x, hunyuan_gna 7.5x; 4 warps 4.1x / 5.6x). Four stages of 128x128 K/V
-    tiles overflow shared memory at head dim 128.
+    tiles overflow shared memory at head dim 128. Persistent only with SPCOMPILE_PERSISTENT=1
+    (not yet measured on a GPU).
     """
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    persistent = persistent_default()
     if block_m >= 128 and block_n >= 128:
-        return LaunchConfig(num_warps=8, num_stages=3)
-    return LaunchConfig(num_warps=4, num_stages=2)
+        return LaunchConfig(num_warps=8, num_stages=3, persistent=persistent)
+    return LaunchConfig(num_warps=4, num_stages=2, persistent=persistent)
 
 
 def check_tiles(plan: TilePlan) -> None:
@@ -323,13 +376,41 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> list:
-    """Host-side TMA descriptors over the 4-D tensors, when the plan, device and strides allow.
+# SMs the persistent grid assumes under the interpreter: small, so that tests with a handful of
+# work items still give each program several.
+INTERPRET_SMS = 4
 
-    Off with SPCOMPILE_TMA=0; never on CPU (the interpreter) or before Hopper.
-    """
-    if (os.environ.get("SPCOMPILE_TMA", "1") == "0" or not q.is_cuda or not tma_eligible(plan)
-            or _capability(q.device.index)[0] < 9):
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); ``INTERPRET_SMS`` off CUDA."""
+    return _cuda_sms(device.index) if device.type == "cuda" else INTERPRET_SMS
+
+
+def fwd_grid(plan: TilePlan, bh: int, config: LaunchConfig, device: torch.device) -> int:
+    """Programs to launch: one per work item, or for the persistent kernel at most
+    ``programs_per_sm`` per SM (never more than there are items)."""
+    items = plan.num_q_tiles * bh
+    if not config.persistent:
+        return items
+    return max(1, min(items, num_sms(device) * config.programs_per_sm))
+
+
+def _tma_device(q: Tensor) -> bool:
+    """Whether descriptors may be used on q's device: Hopper or later, unless SPCOMPILE_TMA=0.
+    Never on CPU: the interpreter can run them, but the default CPU path stays the plain loads
+    (tests switch this on to run the descriptor code under the interpreter)."""
+    return (os.environ.get("SPCOMPILE_TMA", "1") != "0" and q.is_cuda
+            and _capability(q.device.index)[0] >= 9)
+
+
+def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> list:
+    """Host-side TMA descriptors over the 4-D tensors, when the plan, device and strides allow."""
+    if not tma_eligible(plan) or not _tma_device(q):
         return []
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -360,11 +441,13 @@ def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_module(plan: TilePlan, tma: bool) -> Any:
+def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False) -> Any:
     """The compiled module of a plan, generated once (regenerating and hashing the source on
-    every call cost ~0.3 ms of host time per call on the H100 machine)."""
-    name = kernel_name(plan, "fwd") + ("-tma" if tma else "")
-    return load_source(name, fwd_source(plan, tma=tma))
+    every call cost ~0.3 ms of host time per call on the H100 machine). The name says which
+    variant; the file's hash covers its source as well."""
+    name = kernel_name(plan, "fwd") + ("-tma" if tma else "") + ("-persistent" if persistent
+                                                                  else "")
+    return load_source(name, fwd_source(plan, tma=tma, persistent=persistent))
 
 
 def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, transposed: bool
@@ -401,14 +484,14 @@ def attn_fwd(
     check_tiles(plan)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
+    config = config or default_config(plan)
     descriptors = _descriptors(plan, q, k, v, out)
-    module = _fwd_module(plan, bool(descriptors))
+    module = _fwd_module(plan, bool(descriptors), config.persistent)
     t = plan.device_tensors(q.device)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
-    config = config or default_config(plan)
-    grid = (plan.num_q_tiles * b * h,)
+    grid = (fwd_grid(plan, b * h, config, q.device),)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tensors, strides, list_group = list_args(plan, t, lists, transposed=False)
     module.attn_fwd_kernel[grid](

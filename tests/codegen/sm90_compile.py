@@ -1,0 +1,78 @@
+"""Compile forward kernels for sm_90 (H100) without a GPU and print what they need, as JSON.
+
+    python tests/codegen/sm90_compile.py [--both]   # with TRITON_INTERPRET unset
+
+Run as a separate process by test_persistent.py: the test process runs Triton's interpreter,
+which never compiles. Triton's NVIDIA backend lowers to PTX and runs its bundled ptxas on any
+machine, so a CPU session can check that a kernel compiles for Hopper with TMA and how much
+shared memory one program takes (what decides whether it launches, and how many fit on an SM).
+Compiles the persistent kernel at the default launch config of a 128x64-tile and a
+128x128-tile plan (``--both``: the one-item kernel too, ~10 s more). Exit status 3: no NVIDIA
+backend here (the test skips).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import spcompile as sp
+from spcompile.codegen.cache import load_source
+from spcompile.codegen.fwd import LaunchConfig, default_config, fwd_source, kernel_name
+from spcompile.plan.tiles import TilePlan, build_plan
+
+HEAD_DIM = 128
+_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
+             "AUX": "*i8", "sm_scale": "fp32"}
+_LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER")
+
+
+def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[str, Any]:
+    """The sm_90 build of the TMA forward (bf16, head dim 128): shared bytes and TMA ops."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = kernel_name(plan, "sm90") + ("-persistent" if persistent else "")
+    fn = load_source(name, fwd_source(plan, tma=True, persistent=persistent)).attn_fwd_kernel
+    const = {"H": 8, "H_KV": 8, "GROUP": 1, "LIST_GROUP": 1, "HEAD_DIM": HEAD_DIM,
+             "HEAD_DIM_V": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_DV": HEAD_DIM,
+             "BLOCK_M": plan.q_layout.tile_size, "BLOCK_N": plan.kv_layout.tile_size,
+             "INPUT_PRECISION": "tf32"}
+    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
+    q_box, kv_box = [*lead, *plan.q_tile, HEAD_DIM], [*lead, *plan.kv_tile, HEAD_DIM]
+    boxes = {"QD": q_box, "KD": kv_box, "VD": kv_box, "OD": q_box}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in const:
+            signature[arg] = "constexpr"
+        elif arg in boxes:
+            signature[arg] = f"tensordesc<bf16[{','.join(map(str, boxes[arg]))}]>"
+        else:
+            signature[arg] = _POINTERS.get(arg, "*i32" if arg in _LISTS else "i32")
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config.num_warps,
+                                     "num_stages": config.num_stages})
+    return {"plan": name, "persistent": persistent, "warps": config.num_warps,
+            "stages": config.num_stages, "shared": kernel.metadata.shared,
+            "tma_ops": kernel.asm["ptx"].count("cp.async.bulk.tensor")}
+
+
+def main() -> None:
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        sys.exit(3)
+    plans = [build_plan(sp.Sliding(left=1024, right=1024), 16384, 16384),  # 128x64 tiles
+             build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384)]  # 128x128
+    variants = (False, True) if "--both" in sys.argv else (True,)
+    rows = [compile_fwd(plan, persistent, default_config(plan))
+            for plan in plans for persistent in variants]
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
