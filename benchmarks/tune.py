@@ -1,6 +1,10 @@
 """Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
 
-    python benchmarks/tune.py [--rows blk16k,na3d]
+    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent]
+
+``--persistent``: at each row's default tiles and warps/stages, the one-item forward against the
+persistent one with 1 and 2 programs per SM, in one run (decides LaunchConfig.persistent and
+programs_per_sm).
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -10,6 +14,7 @@ defaults in spcompile.codegen.fwd.default_config / spcompile.plan.choose.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -25,7 +30,7 @@ from suite import suite
 
 import spcompile as sp
 from spcompile.codegen.bwd import attn_bwd
-from spcompile.codegen.fwd import LaunchConfig, attn_fwd
+from spcompile.codegen.fwd import LaunchConfig, attn_fwd, default_config, fwd_grid
 from spcompile.plan.choose import best_boxes
 from spcompile.plan.tiles import build_plan, grid_of
 from spcompile.plan.topk import block_lists, estimate_blocks
@@ -36,8 +41,13 @@ def main() -> None:
     parser.add_argument("--rows", default="blk16k,sw32k,na2d31,na3d,hunyuan_gna")
     parser.add_argument("--out", default="")
     parser.add_argument("--bwd", action="store_true", help="sweep the backward kernels")
+    parser.add_argument("--persistent", action="store_true",
+                        help="one-item vs persistent forward (1 and 2 programs per SM)")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
+    if args.persistent:
+        tune_persistent(rows, args.out)
+        return
     if any(isinstance(r.pattern, sp.TopK) for r in rows):
         tune_topk([r for r in rows if isinstance(r.pattern, sp.TopK)], args.out)
         return
@@ -73,6 +83,53 @@ def main() -> None:
         print("BEST", json.dumps(best), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def tune_persistent(rows, out_path: str) -> None:
+    """The one-item forward and the persistent one (programs per SM 1 and 2) at each row's
+    default tiles and warps/stages, SDPA timed in the same run; each variant's output is checked
+    against sampled float64 rows and against the one-item output. TopK rows run over one fixed
+    selection (estimation excluded: it does not depend on the launch); PerHead rows are skipped
+    (sparse_attention launches them and takes no LaunchConfig)."""
+    results = []
+    for row in rows:
+        if isinstance(row.pattern, sp.PerHead):
+            print(row.id, "skipped: PerHead rows launch through sparse_attention", flush=True)
+            continue
+        s = row.seq_len
+        q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        plan = build_plan(row.pattern, s, s)
+        lists = None
+        if isinstance(row.pattern, sp.TopK):
+            lists = block_lists(row.pattern, estimate_blocks(row.pattern, q, k), s, H)
+        one_item = dataclasses.replace(default_config(plan), persistent=False)
+        variants = [("one-item", one_item)] + [
+            (f"persistent-{n}", dataclasses.replace(one_item, persistent=True,
+                                                    programs_per_sm=n)) for n in (1, 2)]
+        base_out, base_ms = None, None
+        for name, cfg in variants:
+            try:
+                out, _ = attn_fwd(q, k, v, plan, config=cfg, lists=lists)
+                ms = bench(functools.partial(attn_fwd, q, k, v, plan, config=cfg, lists=lists))
+            except Exception as e:
+                print(row.id, name, "ERROR", type(e).__name__, str(e)[:200], flush=True)
+                continue
+            if base_out is None:
+                base_out, base_ms = out, ms
+            res = {"id": row.id, "variant": name, "q": plan.q_tile, "kv": plan.kv_tile,
+                   "warps": cfg.num_warps, "stages": cfg.num_stages,
+                   "programs": fwd_grid(plan, B * H, cfg, q.device),
+                   "items": plan.num_q_tiles * B * H, "err": sampled_error(row, q, k, v, out),
+                   "max_diff_vs_first": float((out.float() - base_out.float()).abs().max()),
+                   "ms": ms, "speedup": sdpa / ms, "vs_first": base_ms / ms}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        print("SUMMARY", row.id, "speedup over SDPA:", ", ".join(
+            f"{r['variant']} {r['speedup']:.2f}x" for r in results if r["id"] == row.id),
+            flush=True)
+    if out_path:
+        Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 def tune_topk(rows, out_path: str) -> None:
