@@ -66,6 +66,9 @@ _ONE_ITEM = '''\
 # Persistent: a grid of about one wave of programs, each striding over the items in the same
 # order; ``_BODY`` runs indented one level deeper inside the loop. Program p takes items p,
 # p + G, p + 2G, ...: the first pass takes the G longest tiles, later passes shorter ones.
+# Unlike the one-item launch, this assignment is fixed: a program that drew long items cannot
+# hand its later ones to an idle SM. Whether that costs more than the per-program setup saved
+# is what ``benchmarks/tune.py --persistent`` measures.
 _GRID_STRIDE = '''\
     for work in tl.range(tl.program_id(0), {num_q_tiles} * BH, tl.num_programs(0)):
         rank = work // BH
