@@ -180,3 +180,22 @@ def test_scale_is_applied_with_dynamic_shapes(dynamic):
         assert float((out - ref).abs().max()) < 1e-5, (dynamic, n)
     assert last_report().rewritten
 
+
+
+def test_per_head_rule_runs_each_run_of_heads_on_its_pattern():
+    """The op plans one single-head pattern per call: a PerHead site is one call per run of
+    heads sharing a pattern, GQA groups kept."""
+    pattern = sp.PerHead({"0-1": sp.Sliding(window=3), "2": sp.Dense(), "3": sp.Blocked(block=8)})
+    spec = {"version": 1, "rules": [{"match": "*", "pattern": pattern.to_dict()}]}
+
+    class Gqa(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    q = torch.randn(2, 4, 20, 8)
+    k, v = (torch.randn(2, 2, 20, 8) for _ in range(2))
+    with torch.no_grad():
+        out = _compile(Gqa(), spec)(q, k, v)
+    assert last_report().rewritten[0].pattern == pattern.key
+    ref = sp.reference_attention(q, k, v, pattern)
+    assert float((out - ref).abs().max()) < 1e-5

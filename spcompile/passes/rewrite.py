@@ -31,6 +31,7 @@ from ..spec.patterns import (
 )
 from ..spec.rules import Rule, SiteKey, Spec
 from .detect import find_attention
+from .opcall import site_attention
 from .report import Report, SiteReport, log_report, set_last_report
 
 log = logging.getLogger("spcompile")
@@ -276,8 +277,11 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
             v = graph.call_method("unflatten", (v, 0, (-1, kv_heads)))
         else:
             q = site.q
-        call = graph.call_function(torch.ops.spcompile.attention.default,
-                                   (q, k, v, pattern.key, float(scale), impl, [], []))
+        # The op takes single-head patterns; PerHead is one op call per run of heads.
+        op = site_attention if isinstance(pattern, PerHead) else \
+            torch.ops.spcompile.attention.default
+        extra: tuple[Any, ...] = () if isinstance(pattern, PerHead) else ([], [])
+        call = graph.call_function(op, (q, k, v, pattern.key, float(scale), impl, *extra))
         out = graph.call_function(operator.getitem, (call, 0))
         if site.layout == "bshd":
             out = graph.call_method("transpose", (out, 1, 2))
