@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx
@@ -66,7 +66,7 @@ from .fxutil import (
     varargs,
 )
 from .layout import einsum_layout, einsum_operands, heads_of_flattened, unrepeat_kv
-from .masks import MaskFacts, check_mask_shape, mask_facts
+from .masks import MaskFacts, check_mask_shape, key_padding_facts, mask_facts
 from .site import AttentionSite, Rejected, layer_index, module_of
 
 __all__ = ["FOLD_MAX_ELEMENTS", "FORMS", "Form", "find_attention"]
@@ -697,6 +697,11 @@ def _build(form: str, ctx: Context, *, anchor: fx.Node, q: fx.Node, k: fx.Node, 
             problems.append(bad_shape)
         else:
             facts = mask_facts(mask, mask_kind, q_len, kv_len, ctx.folder)
+            if facts.attn_mask is not None and facts.window is None:
+                split, why = key_padding_facts(mask, mask_kind, mask_target, q_len, kv_len,
+                                               ctx.folder)
+                facts = split if split is not None else \
+                    replace(facts, note=f"{facts.note}; not a key-padding mask: {why}")
             if mask_before_scale and not facts.recognized:
                 problems.append("the additive mask is added before the scores are scaled, so "
                                 "it is scaled too; that is only safe for a 0/-inf mask and this "
@@ -714,7 +719,8 @@ def _build(form: str, ctx: Context, *, anchor: fx.Node, q: fx.Node, k: fx.Node, 
         v_head_dim=v_head_dim, q_len=q_len, kv_len=kv_len,
         scale=scale_value, scale_node=scale_node, is_causal=is_causal,
         attn_mask=facts.attn_mask, mask_kind=facts.kind if facts.attn_mask is not None else None,
-        mask_window=facts.window, mask_note=facts.note, dropout_p=0.0,
+        mask_window=facts.window, mask_note=facts.note, key_padding=facts.key_padding,
+        key_padding_kind=facts.key_padding_kind, dropout_p=0.0,
         k_compact=k_compact, v_compact=v_compact, kv_repeat_nodes=repeat_nodes,
         module_path=path, module_type=type_name, layer=layer_index(path))
 

@@ -85,6 +85,9 @@ IDENTITY = _op("identity", [torch.clone], ["contiguous", "clone"])
 VIEW = _op("view", [torch.reshape, torch.flatten, torch.unflatten],
            ["view", "reshape", "flatten", "unflatten"])
 EXPAND = _op("expand", [], ["expand"])
+BROADCAST = _op("broadcast", [torch.broadcast_to], ["expand", "expand_as", "broadcast_to"])
+LOGICAL_AND = _op("and", [operator.and_, operator.iand, torch.logical_and, torch.bitwise_and],
+                  ["logical_and", "bitwise_and", "__and__", "__rand__"])
 UNSQUEEZE = _op("unsqueeze", [torch.unsqueeze], ["unsqueeze"])
 GETITEM = _op("getitem", [operator.getitem])
 REPEAT_INTERLEAVE = _op("repeat_interleave", [torch.repeat_interleave], ["repeat_interleave"])

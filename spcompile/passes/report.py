@@ -22,6 +22,9 @@ class SiteReport:
     reason: str | None = None  # why the site stayed dense
     density: float | None = None
     predicted_speedup: float | None = None
+    # The model's per-key mask (padding) runs with the pattern (AND); density and the
+    # prediction are the pattern's own, before padding removes keys.
+    key_padding: bool = False
 
     @property
     def rewritten(self) -> bool:
@@ -53,6 +56,8 @@ class Report:
         out = []
         for s in self.sites + self.candidates_rejected:
             what = s.pattern if s.rewritten else f"dense: {s.reason}"
+            if s.rewritten and s.key_padding:
+                what = f"{what} AND key padding"
             out.append((s.module_path or "?", s.shape, s.rule or "-", what or "",
                         f"{s.density:.3f}" if s.density is not None else "-",
                         f"{s.predicted_speedup:.2g}x" if s.predicted_speedup else "-"))

@@ -32,6 +32,7 @@ from ..spec.patterns import (
 from ..spec.rules import Rule, SiteKey, Spec
 from .detect import find_attention
 from .opcall import site_attention
+from .padding import padded_sparse_attention, padding_problem
 from .report import Report, SiteReport, log_report, set_last_report
 
 log = logging.getLogger("spcompile")
@@ -119,6 +120,11 @@ def _device_of(node: fx.Node) -> torch.device:
     return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
 
 
+def _impl(site: Any) -> str:
+    """The op's ``impl`` for a site: the Triton kernels on CUDA, the blockwise path elsewhere."""
+    return "triton" if _device_of(site.q).type == "cuda" else "torch"
+
+
 def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None]:
     """(pattern, rule label, reason left dense) for one site.
 
@@ -158,12 +164,26 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
     if isinstance(pattern, TopK):
         return None, label, "TopK has no kernel yet"
     if site.attn_mask is not None:
-        window_mask = Sliding(window=site.mask_window, causal=True) if site.mask_window else None
-        if window_mask is None or pattern != window_mask:
-            note = f" ({site.mask_note})" if getattr(site, "mask_note", None) else ""
+        if site.mask_window:
+            # The model's own causal window (AND any key padding) is only redundant when it
+            # is exactly the rule's pattern.
+            if pattern != Sliding(window=site.mask_window, causal=True):
+                return None, label, (f"the site's own mask is a causal window of "
+                                     f"{site.mask_window} keys ({site.mask_note}), which cannot "
+                                     f"be combined with another pattern yet")
+        elif site.key_padding is None:
+            note = f" ({site.mask_note})" if site.mask_note else ""
             return None, label, ("the site has its own attention mask" + note
                                  + ", which cannot be combined with the pattern yet")
-        # The model's own causal window is exactly the rule's pattern: the mask is redundant.
+        # Otherwise the mask is key padding (AND is_causal): applied with the pattern.
+    if site.key_padding is not None:
+        if not pattern.static or (isinstance(pattern, PerHead)
+                                  and not all(p.static for _, p in pattern.groups)):
+            return None, label, f"key padding with a {pattern.kind} pattern is not supported"
+        why = padding_problem(_hint(site.head_dim), site.scale, site.scale_node is not None,
+                              _impl(site))
+        if why:
+            return None, label, why
     if site.dropout_p:
         return None, label, f"attention dropout p={site.dropout_p} is active"
     if isinstance(pattern, PerHead) and site.num_heads is not None:
@@ -224,7 +244,8 @@ def rewrite_attention(gm: fx.GraphModule, opts: Any) -> Report:
         density, speedup = _predict(pattern, site)
         report.sites.append(SiteReport(site.module_path or "", site.form, _shape_text(site),
                                        rule=rule, pattern=pattern.key, density=density,
-                                       predicted_speedup=speedup))
+                                       predicted_speedup=speedup,
+                                       key_padding=site.key_padding is not None))
     for cand in rejected:
         report.candidates_rejected.append(SiteReport(cand.module_path or "", cand.form, "?",
                                                      reason=cand.reason))
@@ -256,7 +277,7 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
     v = site.v_compact if site.v_compact is not None else site.v
     scale = site.scale if site.scale is not None else \
         1.0 / math.sqrt(_specialize(site.head_dim) or 1)
-    impl = "triton" if _device_of(site.q).type == "cuda" else "torch"
+    impl = _impl(site)
     scale_node = getattr(site, "scale_node", None)
     with graph.inserting_before(site.output):
         if scale_node is not None:
@@ -277,12 +298,17 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
             v = graph.call_method("unflatten", (v, 0, (-1, kv_heads)))
         else:
             q = site.q
-        # The op takes single-head patterns; PerHead is one op call per run of heads.
-        op = site_attention if isinstance(pattern, PerHead) else \
-            torch.ops.spcompile.attention.default
-        extra: tuple[Any, ...] = () if isinstance(pattern, PerHead) else ([], [])
-        call = graph.call_function(op, (q, k, v, pattern.key, float(scale), impl, *extra))
-        out = graph.call_function(operator.getitem, (call, 0))
+        if site.key_padding is not None:
+            out = graph.call_function(padded_sparse_attention,
+                                      (q, k, v, site.key_padding, site.key_padding_kind,
+                                       pattern.key, float(scale), impl))
+        else:
+            # The op takes single-head patterns; PerHead is one op call per run of heads.
+            op = site_attention if isinstance(pattern, PerHead) else \
+                torch.ops.spcompile.attention.default
+            extra: tuple[Any, ...] = () if isinstance(pattern, PerHead) else ([], [])
+            call = graph.call_function(op, (q, k, v, pattern.key, float(scale), impl, *extra))
+            out = graph.call_function(operator.getitem, (call, 0))
         if site.layout == "bshd":
             out = graph.call_method("transpose", (out, 1, 2))
         elif site.layout == "bhsd-flattened":

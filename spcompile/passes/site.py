@@ -85,6 +85,15 @@ class AttentionSite:
     ``[B, H, S_q, S_kv]``, or for ``bhsd-flattened`` sites either ``[B*H, S_q, S_kv]`` or a
     4-D ``[B, H, S_q, S_kv]`` view (BART-style code adds the mask on such a view).
 
+    Key padding: ``key_padding`` is set when the kept ``attn_mask`` is known to equal a per-key
+    mask AND (causal when ``is_causal``) AND (the causal window when ``mask_window``), nothing
+    else (:func:`~spcompile.passes.masks.key_padding_facts`). The node broadcasts against the
+    scores with size 1 on the query and head axes, B or 1 on the batch axis and S_kv on the
+    key axis, and is read as ``key_padding_kind`` (see :data:`MASK_KINDS`; ``additive`` is any
+    per-key bias). It is often a node inside the mask's own subgraph (HuggingFace's
+    ``padding[b, kv]`` before it is AND-ed with causal and expanded to ``[B, 1, S, S]``), so a
+    rewrite that reads it instead of ``attn_mask`` leaves the ``S_q x S_kv`` mask dead.
+
     ``dropout_p`` is always 0: attention dropout that is active makes the candidate a
     :class:`Rejected`. ``module_path`` is the user's dotted path of the innermost
     attention-like module (:func:`module_of`), ``layer`` its block index (:func:`layer_index`),
@@ -112,6 +121,8 @@ class AttentionSite:
     mask_kind: str | None = None
     mask_window: int | None = None
     mask_note: str | None = None
+    key_padding: fx.Node | None = None
+    key_padding_kind: str | None = None
     dropout_p: float = 0.0
     k_compact: fx.Node | None = None
     v_compact: fx.Node | None = None
@@ -144,6 +155,8 @@ class AttentionSite:
             parts.append(f"mask={self.mask_kind}")
         if self.mask_window is not None:
             parts.append(f"window={self.mask_window}")
+        if self.key_padding is not None:
+            parts.append(f"key_padding={self.key_padding_kind}")
         return " ".join(parts)
 
 
