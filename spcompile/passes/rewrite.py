@@ -1,9 +1,13 @@
 """Rewrite detected attention sites to the ``spcompile::attention`` op, rule by rule.
 
 For each site found by :func:`spcompile.passes.detect.find_attention`: match the spec's rules
-(first match wins), combine the site's own causality with the pattern (AND, never dropped), and
-replace the site's nodes by one op call. Every site that stays dense gets its reason in the
-report; with ``strict`` that is an error instead.
+(first match wins), combine the site's own causality and key padding with the pattern (AND,
+never dropped), and replace the site's nodes by one op call (one per run of heads for PerHead;
+:mod:`.padding` for key padding). Every site that stays dense gets its reason in the report;
+with ``strict`` that is an error instead.
+
+Under ``torch.compile(dynamic=True)`` lengths are SymInts and the rewrite guards only on what
+its decisions read (see :func:`_specialize`): 1-D patterns serve every length from one graph.
 """
 
 from __future__ import annotations
