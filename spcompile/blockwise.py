@@ -173,7 +173,9 @@ def blockwise_attention_backward(
             ks, vs = t.take(kt, tiles), t.take(vt, tiles)
             s = qt @ ks.transpose(-1, -2) * scale
             keep = t.keep(tiles, active, mask) & q_valid
-            p = torch.exp(s - lse_t[..., None]) * keep  # inactive slots: all zero
+            # Masked pairs (and inactive slots) give exactly 0: a where, not a product, since an
+            # excluded key may score far above the row's LSE (exp overflows, inf * 0 is NaN).
+            p = torch.where(keep, torch.exp(s - lse_t[..., None]), 0.0)
             dp = dot @ vs.transpose(-1, -2)
             ds = p * (dp - deltat[..., None])
             dq_t += ds @ ks * scale
