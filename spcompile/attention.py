@@ -69,8 +69,11 @@ def sparse_attention(
     if isinstance(pattern, PerHead):
         return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile)
     key = pattern_key(pattern)
-    direct = not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    # Plain tensors outside any tracing and autograd run the op's body directly; fake, proxy
+    # or functional tensors (dynamo, AOTAutograd, export) must see the op.
+    direct = (all(type(x) is Tensor for x in (q, k, v)) and not torch.compiler.is_compiling()
+              and not (torch.is_grad_enabled()
+                       and (q.requires_grad or k.requires_grad or v.requires_grad)))
     blocks = None
     if isinstance(pattern, TopK):
         blocks = estimate_blocks(pattern, q, k, scale) if direct else \
@@ -85,21 +88,16 @@ def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_til
     whenever the run is aligned to whole GQA groups."""
     h, h_kv = q.shape[1], k.shape[1]
     group = h // h_kv
-    per_head = pattern.resolve(h)
-    outs, lses, start = [], [], 0
-    while start < h:
-        stop = start + 1
-        while stop < h and per_head[stop] == per_head[start]:
-            stop += 1
+    outs, lses = [], []
+    for start, stop, member in pattern.runs(h):
         if start % group == 0 and stop % group == 0:
             ks, vs = k[:, start // group : stop // group], v[:, start // group : stop // group]
         else:  # a run that splits a GQA group: give each query head its own K/V head
             kv_heads = torch.arange(start, stop, device=k.device) // group
             ks, vs = k.index_select(1, kv_heads), v.index_select(1, kv_heads)
-        out, lse = sparse_attention(q[:, start:stop], ks, vs, per_head[start], scale, True, impl,
+        out, lse = sparse_attention(q[:, start:stop], ks, vs, member, scale, True, impl,
                                     q_tile, kv_tile)
         outs.append(out)
         lses.append(lse)
-        start = stop
     out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
     return (out, lse) if return_lse else out

@@ -211,23 +211,11 @@ def _dense_site(pattern: Pattern, problem: Problem, profile: Profile) -> SimRepo
 # PerHead: one launch per run of heads that share a pattern (attention._per_head)
 
 
-def _head_runs(pattern: PerHead, heads: int) -> list[tuple[int, int, Pattern]]:
-    per_head = pattern.resolve(heads)
-    runs, start = [], 0
-    while start < heads:
-        stop = start + 1
-        while stop < heads and per_head[stop] == per_head[start]:
-            stop += 1
-        runs.append((start, stop, per_head[start]))
-        start = stop
-    return runs
-
-
 def _per_head(pattern: PerHead, problem: Problem, profile: Profile, q_tile: TileArg,
               kv_tile: TileArg, launch: tuple[int, int] | None) -> SimReport:
     group = problem.heads // problem.kv_heads
     subs: list[SimReport] = []
-    for start, stop, member in _head_runs(pattern, problem.heads):
+    for start, stop, member in pattern.runs(problem.heads):
         n = stop - start
         kv = n // group if start % group == 0 and stop % group == 0 else n
         sub_problem = Problem(problem.batch, n, kv, problem.q_len, problem.kv_len,

@@ -781,6 +781,19 @@ class PerHead(Pattern):
             raise ValueError(f"PerHead: heads {missing} have no pattern (of {num_heads} heads)")
         return tuple(p for p in per_head if p is not None)
 
+    def runs(self, num_heads: int) -> list[tuple[int, int, Pattern]]:
+        """(start, stop, pattern) of each run of consecutive heads sharing a pattern: one
+        kernel launch each, on views of q, k and v."""
+        per_head = self.resolve(num_heads)
+        runs, start = [], 0
+        while start < num_heads:
+            stop = start + 1
+            while stop < num_heads and per_head[stop] == per_head[start]:
+                stop += 1
+            runs.append((start, stop, per_head[start]))
+            start = stop
+        return runs
+
     def pattern_for_head(self, head: int, num_heads: int) -> Pattern:
         return self.resolve(num_heads)[head]
 
