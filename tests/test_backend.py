@@ -199,3 +199,42 @@ def test_per_head_rule_runs_each_run_of_heads_on_its_pattern():
     assert last_report().rewritten[0].pattern == pattern.key
     ref = sp.reference_attention(q, k, v, pattern)
     assert float((out - ref).abs().max()) < 1e-5
+
+
+class TopKReference(nn.Module):
+    """CausalBlock with its attention replaced by the exact TopK reference."""
+
+    def __init__(self, block: CausalBlock, pattern: sp.TopK) -> None:
+        super().__init__()
+        self.block, self.pattern = block, pattern
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.block.heads
+        q, k, v = self.block.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        out = sp.reference_attention(q, k, v, self.pattern)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_topk_site_runs_the_selection_and_its_kernel(training):
+    """A TopK rule on an is_causal site: the selection op and the sparse op run in the graph,
+    the site's causality is the TopK's own (it selects among causal blocks), and the result
+    and gradients equal the reference TopK attention."""
+    torch.manual_seed(0)
+    block = CausalBlock()
+    x = torch.randn(2, 80, 32, requires_grad=training)
+    spec = {"version": 1, "rules": [{"match": "*", "pattern": {
+        "topk": {"block": 16, "k": 1, "sink": 1, "local": 1}}}]}
+    compiled = _compile(block, spec)
+    want_model = TopKReference(block, sp.TopK(block=16, k=1, sink=1, local=1, causal=True))
+    with torch.set_grad_enabled(training):
+        got, want = compiled(x), want_model(x)
+    assert float((got - want).abs().max()) < 1e-5
+    site = last_report().sites[0]
+    assert site.pattern is not None and "topk" in site.pattern and site.reason is None
+    if training:
+        g_got = torch.autograd.grad(got.sum(), (x, block.qkv.weight))
+        g_want = torch.autograd.grad(want.sum(), (x, block.qkv.weight))
+        for a, b in zip(g_got, g_want, strict=True):
+            assert float((a - b).abs().max()) < 1e-4

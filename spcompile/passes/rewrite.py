@@ -12,6 +12,7 @@ its decisions read (see :func:`_specialize`): 1-D patterns serve every length fr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -116,6 +117,10 @@ def _shape_text(site: Any) -> str:
 
 
 def _with_causal(pattern: Pattern) -> Pattern:
+    """The site's causality ANDed with the pattern. TopK selects among causal blocks only
+    (``causal=True``), so its whole budget lands where the site can attend."""
+    if isinstance(pattern, TopK):
+        return dataclasses.replace(pattern, causal=True)
     return AnyOf(pattern, causal=True)
 
 
@@ -165,8 +170,6 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
         pattern = template
     if isinstance(pattern, Dense):
         return None, label, "the rule says dense"
-    if isinstance(pattern, TopK):
-        return None, label, "TopK has no kernel yet"
     if site.attn_mask is not None:
         if site.mask_window:
             # The model's own causal window (AND any key padding) is only redundant when it
@@ -190,6 +193,10 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
             return None, label, why
     if site.dropout_p:
         return None, label, f"attention dropout p={site.dropout_p} is active"
+    if (isinstance(pattern, TopK) and _impl(site) == "triton"
+            and (pattern.block < 16 or pattern.block & (pattern.block - 1))):
+        return None, label, (f"TopK block {pattern.block}: the Triton kernels need a power of "
+                             "two >= 16 (their tiles are the blocks)")
     if isinstance(pattern, PerHead) and site.num_heads is not None:
         try:
             pattern.resolve(_specialize(site.num_heads) or 0)
@@ -213,20 +220,19 @@ def _predict(pattern: Pattern, site: Any) -> tuple[float | None, float | None]:
     dynamic shapes; a failure is logged, never raised (the report must not break
     compilation)."""
     q_len, kv_len = _hint(site.q_len), _hint(site.kv_len)
-    if q_len is None or kv_len is None or isinstance(pattern, PerHead):
+    if q_len is None or kv_len is None:
         return None, None
-    from ..plan.tiles import allowed_pairs
-
-    density = allowed_pairs(pattern, q_len, kv_len) / (q_len * kv_len)
     try:
         from ..sim import simulate
 
         report = simulate(pattern, q_len, kv_len, heads=_hint(site.num_heads) or 1,
                           head_dim=_hint(site.head_dim) or 64)
-        return density, report.predicted_speedup
+        # The simulator's FLOP bound is S^2 / allowed pairs: exact for static patterns, the
+        # expected selection for TopK, the mean over heads for PerHead.
+        return 1.0 / report.flop_bound, report.predicted_speedup
     except Exception as e:
         log.warning("spcompile: no simulator prediction for %s: %s", site.module_path, e)
-        return density, None
+        return None, None
 
 
 def rewrite_attention(gm: fx.GraphModule, opts: Any) -> Report:
@@ -269,8 +275,6 @@ def rewrite_attention(gm: fx.GraphModule, opts: Any) -> Report:
 
 
 def _with_q(site: Any, q: fx.Node) -> Any:
-    import dataclasses
-
     return dataclasses.replace(site, q=q)
 
 
@@ -307,11 +311,14 @@ def _replace(gm: fx.GraphModule, site: Any, pattern: Pattern) -> None:
                                       (q, k, v, site.key_padding, site.key_padding_kind,
                                        pattern.key, float(scale), impl))
         else:
-            # The op takes single-head patterns; PerHead is one op call per run of heads.
-            op = site_attention if isinstance(pattern, PerHead) else \
-                torch.ops.spcompile.attention.default
-            extra: tuple[Any, ...] = () if isinstance(pattern, PerHead) else ([], [])
-            call = graph.call_function(op, (q, k, v, pattern.key, float(scale), impl, *extra))
+            # Static single patterns are one op call; PerHead and TopK go through
+            # site_attention (one call per run of heads; the selection op before TopK's).
+            if isinstance(pattern, (PerHead, TopK)):
+                call = graph.call_function(site_attention,
+                                           (q, k, v, pattern.key, float(scale), impl))
+            else:
+                call = graph.call_function(torch.ops.spcompile.attention.default,
+                                           (q, k, v, pattern.key, float(scale), impl, [], []))
             out = graph.call_function(operator.getitem, (call, 0))
         if site.layout == "bshd":
             out = graph.call_method("transpose", (out, 1, 2))
