@@ -39,6 +39,7 @@ def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float | None = None,
     return_lse: bool = False, impl: str = "auto",
     q_tile: int | tuple[int, ...] | None = None, kv_tile: int | tuple[int, ...] | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention restricted to ``pattern``: softmax(q k^T * scale, masked) v.
 
@@ -49,6 +50,9 @@ def sparse_attention(
         scale: defaults to 1 / sqrt(D).
         return_lse: also return the log-sum-exp [B, H, Sq] (fp32; -inf on rows with no key).
         impl: "auto" (Triton on CUDA, the blockwise PyTorch path on CPU), "triton", "torch".
+        key_mask: per-key padding, [B or 1, Skv], the same for every head and query: bool
+            (True = the key may be seen) or float (added to the key's scores; -inf blocks).
+            ANDed with the pattern on the same sparse kernels; not differentiated.
 
     Other Parameters:
         q_tile, kv_tile: tile shapes (an int, or one size per grid axis); default: the tile
@@ -63,11 +67,12 @@ def sparse_attention(
         raise TypeError(f"sparse_attention: expected a Pattern, got {pattern!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     impl = resolve_impl(impl, q.device)
-    if isinstance(pattern, Dense) and not return_lse:
+    key_bias = _key_bias(key_mask, q.shape[0], k.shape[2])
+    if isinstance(pattern, Dense) and not return_lse and key_bias is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     if isinstance(pattern, PerHead):
-        return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile)
+        return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile, key_bias)
     key = pattern_key(pattern)
     # Plain tensors outside any tracing and autograd run the op's body directly; fake, proxy
     # or functional tensors (dynamo, AOTAutograd, export) must see the op.
@@ -79,11 +84,28 @@ def sparse_attention(
         blocks = estimate_blocks(pattern, q, k, scale) if direct else \
             topk_select_op(q, k, key, scale)
     run = attention_forward if direct else attention_op
-    out, lse = run(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile), blocks)
+    out, lse = run(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile), blocks,
+                   key_bias)
     return (out, lse) if return_lse else out
 
 
-def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_tile):
+def _key_bias(key_mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
+    """A key mask as the op's float bias [B or 1, Skv]: bool True -> 0, False -> -inf."""
+    if key_mask is None:
+        return None
+    if key_mask.shape[-1] != kv_len or key_mask.numel() not in (kv_len, batch * kv_len):
+        raise ValueError(f"sparse_attention: expected key_mask of shape [{batch} or 1, "
+                         f"{kv_len}], got {tuple(key_mask.shape)}")
+    m = key_mask.reshape(-1, kv_len)
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(
+            ~m, float("-inf"))
+    if not m.is_floating_point():
+        raise TypeError(f"sparse_attention: key_mask must be bool or floating, got {m.dtype}")
+    return m.detach()
+
+
+def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_tile, key_bias):
     """One launch per run of consecutive heads sharing a pattern; views, not copies, of q/k/v
     whenever the run is aligned to whole GQA groups."""
     h, h_kv = q.shape[1], k.shape[1]
@@ -96,7 +118,7 @@ def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_til
             kv_heads = torch.arange(start, stop, device=k.device) // group
             ks, vs = k.index_select(1, kv_heads), v.index_select(1, kv_heads)
         out, lse = sparse_attention(q[:, start:stop], ks, vs, member, scale, True, impl,
-                                    q_tile, kv_tile)
+                                    q_tile, kv_tile, key_bias)
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, 1), torch.cat(lses, 1)

@@ -87,6 +87,13 @@ class _Tiles:
         hi = torch.arange(self.kv_heads, device=x.device).view(1, -1, 1, 1)
         return x[bi, hi, tiles]
 
+    def key_bias(self, key_bias: Tensor | None, kv_len: int) -> Tensor | None:
+        """[B or 1, S_kv] per-key bias -> [B, H_kv, nk, Tk, 1] in tile order (or None)."""
+        if key_bias is None:
+            return None
+        kb = key_bias.to(self.acc_dtype).reshape(-1, 1, kv_len, 1)
+        return self.keys(kb.expand(self.batch, self.kv_heads, kv_len, 1))
+
     def keep(self, tiles: Tensor, active: Tensor, mask: MaskFn | None) -> Tensor:
         """Bool [..., nq, Tq, Tk]: pairs of this slot that count (active slot, mask, real keys)."""
         keep = active[..., None, None]
@@ -100,14 +107,16 @@ class _Tiles:
 
 def blockwise_attention(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
-    lists: BlockLists | None = None,
+    lists: BlockLists | None = None, key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32/fp64) over the plan's tiles, or
-    over run-time ``lists`` (TopK)."""
+    over run-time ``lists`` (TopK). ``key_bias`` [B or 1, Skv] is added to every score of a key
+    (0 kept, -inf blocked: key padding)."""
     b, h, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     t = _Tiles.of(plan, q, k)
     qt, kt, vt = t.rows(q), t.keys(k), t.keys(v)
+    kb = t.key_bias(key_bias, k.shape[2])
     m = torch.full((b, t.kv_heads, t.group, t.nq, t.tq), float("-inf"), dtype=t.acc_dtype,
                    device=q.device)
     denom = torch.zeros_like(m)
@@ -119,6 +128,8 @@ def blockwise_attention(
             tiles = idx[..., slot]
             ks, vs = t.take(kt, tiles), t.take(vt, tiles)  # [B, H_kv, G', nq, Tk, D]
             s = qt @ ks.transpose(-1, -2) * scale
+            if kb is not None:
+                s = s + t.take(kb, tiles).transpose(-1, -2)
             keep = t.keep(tiles, active, mask)
             s = s.masked_fill(~keep, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
@@ -143,6 +154,7 @@ def blockwise_attention(
 def blockwise_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
     scale: float | None = None, lists: BlockLists | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) over the plan's tiles, the same recurrences as the Triton backward.
 
@@ -159,6 +171,7 @@ def blockwise_attention_backward(
     lse_t = t.rows(lse.to(t.acc_dtype)[..., None])[..., 0]
     lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, float("inf")), lse_t)
     kt, vt = t.keys(k), t.keys(v)
+    kb = t.key_bias(key_bias, k.shape[2])
     dq_t = torch.zeros_like(qt)
     dk_t = torch.zeros_like(kt)
     dv_t = torch.zeros_like(vt)
@@ -172,6 +185,8 @@ def blockwise_attention_backward(
             tiles = idx[..., slot]
             ks, vs = t.take(kt, tiles), t.take(vt, tiles)
             s = qt @ ks.transpose(-1, -2) * scale
+            if kb is not None:
+                s = s + t.take(kb, tiles).transpose(-1, -2)
             keep = t.keep(tiles, active, mask) & q_valid
             # Masked pairs (and inactive slots) give exactly 0: a where, not a product, since an
             # excluded key may score far above the row's LSE (exp overflows, inf * 0 is NaN).

@@ -94,17 +94,21 @@ def _lists(pattern: str, blocks: Tensor | None, kv_len: int, heads: int,
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, impl: str,
     q_tile: list[int], kv_tile: list[int], blocks: Optional[Tensor] = None,  # noqa: UP045
+    key_bias: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
     """(out [B, H, Sq, Dv], lse [B, H, Sq]) of ``pattern`` on q [B, H, Sq, D], k/v [B, Hkv, ...].
 
     ``blocks``: a TopK selection from ``topk_select_op`` (None for every other pattern).
+    ``key_bias``: float [B or 1, Skv] added to every score of a key: 0 keeps it, -inf blocks it
+    (key padding ANDed with the pattern). Not differentiated.
     """
-    return attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks)
+    return attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks, key_bias)
 
 
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, impl: str,
     q_tile: list[int], kv_tile: list[int], blocks: Tensor | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The op's body. Eager calls that need no gradient run it directly: the custom-op and
     autograd dispatch around it cost ~60 us a call on a CPU core, more than a small kernel."""
@@ -113,12 +117,13 @@ def attention_forward(
     if impl == "triton":
         from .codegen.fwd import attn_fwd
 
-        return attn_fwd(q, k, v, plan, scale, lists=lists)
-    return blockwise_attention(q, k, v, plan, scale, lists=lists)
+        return attn_fwd(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
+    return blockwise_attention(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks=None):
+def _attention_fake(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks=None,
+                    key_bias=None):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
     return out, lse
@@ -129,6 +134,7 @@ def attention_backward_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pattern: str,
     scale: float, impl: str, q_tile: list[int], kv_tile: list[int],
     blocks: Optional[Tensor] = None,  # noqa: UP045
+    key_bias: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
@@ -136,27 +142,30 @@ def attention_backward_op(
         from .codegen.bwd import attn_bwd
 
         lists_t = _lists(pattern, blocks, k.shape[2], q.shape[1], transposed=True)
-        return attn_bwd(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t)
-    return blockwise_attention_backward(do, q, k, v, out, lse, plan, scale, lists=lists)
+        return attn_bwd(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t,
+                        key_bias=key_bias)
+    return blockwise_attention_backward(do, q, k, v, out, lse, plan, scale, lists=lists,
+                                        key_bias=key_bias)
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, out, lse, pattern, scale, impl, q_tile, kv_tile,
-                             blocks=None):
+                             blocks=None, key_bias=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks = inputs
+    q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks, key_bias = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, blocks)
+    ctx.save_for_backward(q, k, v, out, lse, blocks, key_bias)
     ctx.args = (pattern, scale, impl, q_tile, kv_tile)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, out, lse, blocks = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, blocks, key_bias = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks,
+                                       key_bias)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -220,3 +220,20 @@ def test_compiles_without_graph_break():
     q, k, v, _ = _qkv(48, torch.float32, "cpu", seed=6)
     assert float((fn(q, k, v) - sparse_attention(q, k, v, p, impl="torch")).abs().max()) < 1e-6
     assert not counts["graph_break"]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_key_mask_with_topk(impl):
+    p = PATTERNS["k-causal"]
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    device = "cuda" if impl == "triton" and GPU else "cpu"
+    q, k, v, _ = _qkv(57, dtype, device, seed=11)
+    allowed = torch.rand(2, 57, generator=torch.Generator().manual_seed(0)) > 0.3
+    got = sparse_attention(q, k, v, p, impl=impl, key_mask=allowed.to(device))
+    blocks = _full_selection(p, q, k).cpu()
+    i, j = torch.arange(57)[:, None], torch.arange(57)[None, :]
+    mask = blocks[:, :, i // p.block, j // p.block] & (j <= i) & allowed[:, None, None, :]
+    scores = q.cpu().double() @ k.cpu().double().repeat_interleave(2, 1).transpose(-1, -2) / 4
+    want = torch.nan_to_num(scores.masked_fill(~mask, float("-inf")).softmax(-1)) \
+        @ v.cpu().double().repeat_interleave(2, 1)
+    assert float((got.cpu().double() - want).abs().max()) < (1e-10 if impl == "torch" else 1e-5)

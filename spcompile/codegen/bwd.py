@@ -32,6 +32,8 @@ from .fwd import (
     check_tiles,
     fwd_loops,
     kernel_name,
+    key_bias_arg,
+    key_bias_lines,
     kv_source_lines,
     list_args,
     list_pointers,
@@ -53,8 +55,8 @@ _DKDV = '''
 
 @triton.jit
 def {name}(
-    Q, K, V, DO, LSE, DELTA, DK, DV, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER,
-    sm_scale, AUX_STRIDE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER, KBIAS,
+    sm_scale, AUX_STRIDE, s_kbb,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dkb, s_dkh, s_dks, s_dvb, s_dvh, s_dvs,
     full_stride, part_stride, lst_full, lst_part, lst_cnt, BHK,
@@ -83,6 +85,7 @@ def {name}(
                 + offs_d[None, :], mask=k_col_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh + k_col[:, None] * s_vs
                 + offs_dv[None, :], mask=k_col_ok[:, None] & dv_ok[None, :], other=0.0)
+{k_bias}
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -104,8 +107,8 @@ _DQ = '''
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER,
-    sm_scale, AUX_STRIDE,
+    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER, KBIAS,
+    sm_scale, AUX_STRIDE, s_kbb,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
     s_dqb, s_dqh, s_dqs,
     full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
@@ -150,7 +153,7 @@ def attn_bwd_dq_kernel(
 '''
 
 
-def _dkdv_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
+def _dkdv_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) -> list[str]:
     """One visiting Q tile (id ``tile``) of the dK/dV loop, in the transposed [N, M] orientation.
 
     ``source`` says where this program's KV tile came from, which decides its mask.
@@ -168,6 +171,7 @@ def _dkdv_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
         "lse = tl.where(lse == float('-inf'), float('inf'), lse) * LOG2E",
         "delta = tl.load(DELTA + l_base + q_row, mask=q_row_ok, other=0.0)",
         "qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)",
+        *(["qkT = qkT + kb[:, None]"] if bias else []),
         "pT = tl.math.exp2(qkT * qk_scale - lse[None, :])",
     ]
     if mask is not None:
@@ -183,24 +187,24 @@ def _dkdv_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
     return lines
 
 
-def _dkdv_loops(plan: TilePlan, source: str) -> str:
+def _dkdv_loops(plan: TilePlan, source: str, bias: bool) -> str:
     if source == "gather":  # gathered keys: every Q tile, masked
-        step = _dkdv_step(plan, source, True)
+        step = _dkdv_step(plan, source, True, bias)
         body = ["for tile in range(N_Q_TILES):", *("    " + x for x in step)]
     else:
         body = [
             *list_pointers(plan, "H_KV * GROUP"),
             "for it2 in range(tl.load(l_fc + kv_tile)):",
             "    tile = tl.load(l_fi + kv_tile * full_stride + it2)",
-            *("    " + x for x in _dkdv_step(plan, source, False)),
+            *("    " + x for x in _dkdv_step(plan, source, False, bias)),
             "for it2 in range(tl.load(l_pc + kv_tile)):",
             "    tile = tl.load(l_pi + kv_tile * part_stride + it2)",
-            *("    " + x for x in _dkdv_step(plan, source, True)),
+            *("    " + x for x in _dkdv_step(plan, source, True, bias)),
         ]
     return _indent(body, 8)
 
 
-def _dq_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
+def _dq_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) -> list[str]:
     """One visited KV tile of the dQ loop."""
     mask = step_mask(plan, source, masked)
     guard = "k_ok[:, None] & " if mask is not None else ""
@@ -211,6 +215,7 @@ def _dq_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
         f"v = tl.load(v_base + k_tok[:, None] * s_vs + offs_dv[None, :],"
         f" mask={guard}dv_ok[None, :], other=0.0)",
         "qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)",
+        *(["k_col = k_tok", "k_col_ok = k_ok", *key_bias_lines("[None, :]")] if bias else []),
         "p = tl.math.exp2(qk * qk_scale - lse[:, None])",
     ]
     if mask is not None:
@@ -224,7 +229,7 @@ def _dq_step(plan: TilePlan, source: str, masked: bool) -> list[str]:
     return lines
 
 
-def _dkdv_source(plan: TilePlan, source: str, name: str) -> str:
+def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool) -> str:
     # Gathered programs write their own buffer, row = slot in the gather segment.
     store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
     return _DKDV.format(
@@ -232,22 +237,26 @@ def _dkdv_source(plan: TilePlan, source: str, name: str) -> str:
         store_row=store_row,
         k_layout=_indent(kv_source_lines(plan, source), 4),
         k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[:, None]"), 4),
-        loops=_dkdv_loops(plan, source),
+        k_bias=_indent(["kb = tl.load(KBIAS + b.to(tl.int64) * s_kbb + k_col, mask=k_col_ok,"
+                        " other=float('-inf'))"] if bias else [], 4),
+        loops=_dkdv_loops(plan, source, bias),
     )
 
 
-def bwd_source(plan: TilePlan) -> str:
+def bwd_source(plan: TilePlan, bias: bool = False) -> str:
+    """The backward kernels' source; ``bias`` adds the per-key bias (key padding) to every
+    recomputed score."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
         offset=plan.kv_len - plan.q_len,
-        loops=fwd_loops(plan, _dq_step),
+        loops=fwd_loops(plan, functools.partial(_dq_step, bias=bias)),
     )
-    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel") + dq
+    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel", bias) + dq
     if plan.gather is not None:
-        out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel")
+        out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel", bias)
     return out
 
 
@@ -262,20 +271,22 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_module(plan: TilePlan) -> Any:
-    """Generated once per plan (see fwd._fwd_module)."""
-    return load_source(kernel_name(plan, "bwd"), bwd_source(plan))
+def _bwd_module(plan: TilePlan, bias: bool = False) -> Any:
+    """Generated once per plan and variant (see fwd._fwd_module)."""
+    name = kernel_name(plan, "bwd") + ("-keybias" if bias else "")
+    return load_source(name, bwd_source(plan, bias))
 
 
 def attn_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
     scale: float | None = None, config: LaunchConfig | None = None,
     lists: BlockLists | None = None, lists_t: BlockLists | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attn_fwd's output; shapes and dtypes as q, k, v.
 
     ``lists`` / ``lists_t``: a data-dependent plan's run-time lists, per query tile and per key
-    tile (``plan.topk.block_lists(..., transposed=True)``).
+    tile (``plan.topk.block_lists(..., transposed=True)``). ``key_bias``: the forward's.
     """
     check_tiles(plan)
     b, h, _, d = q.shape
@@ -283,7 +294,7 @@ def attn_bwd(
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
     delta = (do.float() * out.float()).sum(-1)
     lse = lse.contiguous()
-    module = _bwd_module(plan)
+    module = _bwd_module(plan, key_bias is not None)
     t = plan.device_tensors(q.device)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     dq = torch.empty_like(q)
@@ -303,11 +314,12 @@ def attn_bwd(
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                lse.stride(0), lse.stride(1))
     gather = t.get("gather", t["full_cnt"])
-    dkdv_args = (scale, aux_stride, *strides,
+    kbias, s_kbb = key_bias_arg(key_bias, b, k.shape[2], scale, q.device)
+    dkdv_args = (scale, aux_stride, s_kbb, *strides,
                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2))
     t_tensors, t_strides, t_group = list_args(plan, t, lists_t, transposed=True)
     module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
-        q, k, v, do, lse, delta, dk, dv, *t_tensors, aux, gather,
+        q, k, v, do, lse, delta, dk, dv, *t_tensors, aux, gather, kbias,
         *dkdv_args, *t_strides, b * h_kv,
         H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=t_group, N_Q_TILES=plan.num_q_tiles,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
@@ -320,8 +332,8 @@ def attn_bwd(
         dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
         module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
             q, k, v, do, lse, delta, dk_g, dv_g,
-            *t_tensors, aux, gather,
-            scale, aux_stride, *strides,
+            *t_tensors, aux, gather, kbias,
+            scale, aux_stride, s_kbb, *strides,
             dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
             dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
             0, 0, 0, 0, 0, b * h_kv,
@@ -336,8 +348,8 @@ def attn_bwd(
                                  + dv_g.index_select(2, slots)).to(dv.dtype))
     q_tensors, q_strides, q_group = list_args(plan, t, lists, transposed=False)
     module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
-        q, k, v, do, lse, delta, dq, *q_tensors, aux, gather,
-        scale, aux_stride, *strides,
+        q, k, v, do, lse, delta, dq, *q_tensors, aux, gather, kbias,
+        scale, aux_stride, s_kbb, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), *q_strides, b * h,
         H=h, GROUP=h // h_kv, LIST_GROUP=q_group,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,

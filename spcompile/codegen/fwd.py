@@ -43,8 +43,8 @@ import triton.language as tl
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER,{desc_args}
-    sm_scale, AUX_STRIDE,
+    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER, KBIAS,
+   {desc_args} sm_scale, AUX_STRIDE, s_kbb,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
     full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr,
@@ -155,11 +155,22 @@ def step_mask(plan: TilePlan, source: str, masked: bool) -> str | None:
     return f"({mask_expr(plan.list_pattern)})" if masked else None
 
 
-def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False) -> list[str]:
+def key_bias_lines(axis: str) -> list[str]:
+    """Add this tile's per-key bias (KBIAS holds bias / scale, -inf for a blocked key) to the
+    scores ``qk``; ``axis`` is "[None, :]" for [M, N] scores, "[:, None]" for transposed ones."""
+    return ["kb = tl.load(KBIAS + b.to(tl.int64) * s_kbb + k_col, mask=k_col_ok,"
+            " other=float('-inf'))",
+            f"qk = qk + kb{axis}"]
+
+
+def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False,
+              bias: bool = False) -> list[str]:
     """One KV tile of the online softmax; ``masked`` adds the pattern and padding guards.
 
     With ``tma`` (1-D layouts on Hopper), K and V tiles arrive through tensor descriptors; rows
-    past the sequence end come back as zeros and are masked like any padding.
+    past the sequence end come back as zeros and are masked like any padding. With ``bias``
+    every tile adds the per-key bias (key padding) and takes the guarded softmax: a FULL tile
+    may then hold only blocked keys.
     """
     mask = step_mask(plan, source, masked)
     lines = kv_source_lines(plan, source)
@@ -179,16 +190,19 @@ def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False) -> l
             f" mask={row_ok}dv_ok[None, :], other=0.0)",
         ]
     lines += ["qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)"]
-    if mask is None:
+    if mask is not None:
+        lines += _to_2d("k", plan.kv_layout.ndim, "[None, :]")
+        lines += [f"qk = tl.where(k_ok & {mask}, qk, float('-inf'))"]
+    if bias:
+        lines += key_bias_lines("[None, :]")
+    if mask is None and not bias:
         lines += [
             "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
             "p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element",
             "alpha = tl.math.exp2(m_i - m_new)",
         ]
     else:
-        lines += _to_2d("k", plan.kv_layout.ndim, "[None, :]")
         lines += [
-            f"qk = tl.where(k_ok & {mask}, qk, float('-inf'))",
             "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
             "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no key yet",
             "p = tl.math.exp2(qk * qk_scale - m_use[:, None])",
@@ -266,7 +280,8 @@ def _o_store_tma(layout: TokenLayout) -> str:
             f" out.to(O.dtype.element_ty).reshape({lead}, {box}, BLOCK_DV))")
 
 
-def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False) -> str:
+def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
+               bias: bool = False) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined).
 
     ``persistent`` wraps the same body in a grid-stride loop over the work items (see
@@ -275,7 +290,8 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False) -> s
     inside the loop gets a shared-memory staging buffer of its own (the one-item kernel reuses
     freed pipeline buffers for it). Compiled for sm_90, that took the 128x128-tile, 8-warp,
     3-stage kernel from 224 KiB to 256 KiB, past the H100's 227 KiB per program (and the
-    128x64 4-warp one from 96 to 128 KiB, one program per SM instead of two).
+    128x64 4-warp one from 96 to 128 KiB, one program per SM instead of two). ``bias`` adds a
+    per-key bias (key padding) to every tile.
     """
     tma_store = tma and not persistent
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
@@ -287,13 +303,25 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False) -> s
         q_load=_indent([("q = " + _tma_load(plan.q_layout, "QD", "tile", "h", "H", "BLOCK_M",
                                               "BLOCK_D")) if tma else _Q_LOAD], 4),
         o_store=_indent([_o_store_tma(plan.q_layout) if tma_store else _O_STORE], 4),
-        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma)),
+        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias)),
     )
     if persistent:
         work = _GRID_STRIDE.format(num_q_tiles=plan.num_q_tiles) + textwrap.indent(body, "    ")
     else:
         work = _ONE_ITEM + body
     return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=work)
+
+
+def key_bias_arg(key_bias: Tensor | None, batch: int, kv_len: int, scale: float,
+                 device: torch.device) -> tuple[Tensor, int]:
+    """(KBIAS, its batch stride) for a launch: the bias over the scale in fp32 (the kernels add
+    it to raw q.k), batch-broadcast by a stride of 0; a placeholder when there is none."""
+    if key_bias is None:
+        return torch.empty(1, dtype=torch.float32, device=device), 0
+    kb = (key_bias.to(device, torch.float32) / scale).reshape(-1, kv_len).contiguous()
+    if kb.shape[0] not in (1, batch):
+        raise ValueError(f"key_bias: expected [{batch} or 1, {kv_len}], got {tuple(kb.shape)}")
+    return kb, kb.stride(0) if kb.shape[0] > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -444,13 +472,13 @@ def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False) -> Any:
+def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False, bias: bool = False) -> Any:
     """The compiled module of a plan, generated once (regenerating and hashing the source on
     every call cost ~0.3 ms of host time per call on the H100 machine). The name says which
     variant; the file's hash covers its source as well."""
-    name = kernel_name(plan, "fwd") + ("-tma" if tma else "") + ("-persistent" if persistent
-                                                                  else "")
-    return load_source(name, fwd_source(plan, tma=tma, persistent=persistent))
+    name = (kernel_name(plan, "fwd") + ("-tma" if tma else "")
+            + ("-persistent" if persistent else "") + ("-keybias" if bias else ""))
+    return load_source(name, fwd_source(plan, tma=tma, persistent=persistent, bias=bias))
 
 
 def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, transposed: bool
@@ -473,10 +501,12 @@ def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, tr
 def attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
     config: LaunchConfig | None = None, lists: BlockLists | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the forward kernel. q [B, H, Sq, D]; k [B, H_kv, Skv, D]; v [B, H_kv, Skv, Dv].
 
     ``lists``: the run-time visiting lists of a data-dependent plan (TopK), else None.
+    ``key_bias``: [B or 1, Skv] added to every score of a key (0 kept, -inf blocked: padding).
     Returns (out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32, natural log).
     """
     b, h, sq, d = q.shape
@@ -489,7 +519,7 @@ def attn_fwd(
     out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
     config = config or default_config(plan)
     descriptors = _descriptors(plan, q, k, v, out)
-    module = _fwd_module(plan, bool(descriptors), config.persistent)
+    module = _fwd_module(plan, bool(descriptors), config.persistent, key_bias is not None)
     t = plan.device_tensors(q.device)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
@@ -497,9 +527,10 @@ def attn_fwd(
     grid = (fwd_grid(plan, b * h, config, q.device),)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tensors, strides, list_group = list_args(plan, t, lists, transposed=False)
+    kbias, s_kbb = key_bias_arg(key_bias, b, skv, scale, q.device)
     module.attn_fwd_kernel[grid](
-        q, k, v, out, lse, *tensors, t["schedule"], aux, t.get("gather", t["full_cnt"]),
-        *descriptors, scale, aux_stride,
+        q, k, v, out, lse, *tensors, t["schedule"], aux, t.get("gather", t["full_cnt"]), kbias,
+        *descriptors, scale, aux_stride, s_kbb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), *strides, b * h,
