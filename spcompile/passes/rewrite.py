@@ -37,7 +37,7 @@ from ..spec.patterns import (
 from ..spec.rules import Rule, SiteKey, Spec
 from .detect import find_attention
 from .opcall import site_attention
-from .padding import padded_sparse_attention, padding_problem
+from .padding import padded_sparse_attention
 from .report import Report, SiteReport, log_report, set_last_report
 
 log = logging.getLogger("spcompile")
@@ -186,11 +186,11 @@ def choose(site: Any, spec: Any) -> tuple[Pattern | None, str | None, str | None
     if site.key_padding is not None:
         if not pattern.static or (isinstance(pattern, PerHead)
                                   and not all(p.static for _, p in pattern.groups)):
-            return None, label, f"key padding with a {pattern.kind} pattern is not supported"
-        why = padding_problem(_hint(site.head_dim), site.scale, site.scale_node is not None,
-                              _impl(site))
-        if why:
-            return None, label, why
+            return None, label, (f"key padding with a {pattern.kind} pattern: its block scores "
+                                 "would pool the padded keys")
+        if site.scale_node is None and site.scale is not None and not site.scale > 0:
+            return None, label, (f"key padding with scale {site.scale} <= 0: the kernels add "
+                                 "the padding as bias / scale")
     if site.dropout_p:
         return None, label, f"attention dropout p={site.dropout_p} is active"
     if (isinstance(pattern, TopK) and _impl(site) == "triton"
