@@ -15,5 +15,11 @@ import sys
 
 from spcompile.demos.run import run
 
+
+def main() -> bool:
+    """True when the compiled model agrees with the dense-masked one."""
+    return run() == 0
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(0 if main() else 1)
