@@ -71,15 +71,26 @@ def layouts_for(
     return TokenLayout(shape, q_tile, dilation), TokenLayout(shape, kv_tile, dilation)
 
 
+def ascending_lists(hits: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Row-wise ascending column indices where ``hits`` [..., n] is True: (idx [..., width]
+    int32 padded with 0, count [...] int32). ``width`` None: the longest row (on a GPU, one
+    sync). Static plans and TopK's run-time lists both come from here."""
+    n = hits.shape[-1]
+    cnt = hits.sum(-1, dtype=torch.int32)
+    if width is None:
+        width = int(cnt.max()) if cnt.numel() else 0
+    width = max(1, min(width, n))
+    # Hits rank above all others, lower columns first: a top-k, not a sort of the whole row.
+    key = hits.to(torch.int32) * n + torch.arange(n - 1, -1, -1, device=hits.device,
+                                                   dtype=torch.int32)
+    idx = key.topk(width, dim=-1).indices.to(torch.int32)
+    slot = torch.arange(width, device=hits.device, dtype=torch.int32)
+    return torch.where(slot < cnt[..., None], idx, 0).contiguous(), cnt.contiguous()
+
+
 def _lists(states: Tensor, value: int) -> tuple[Tensor, Tensor]:
     """Row-wise ascending column indices where states == value: (idx [n, max], count [n])."""
-    hit = states == value
-    count = hit.sum(1)
-    width = max(int(count.max()) if count.numel() else 0, 1)
-    # Stable sort puts hits first in ascending column order.
-    order = torch.sort((~hit).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    idx = torch.where(torch.arange(width)[None, :] < count[:, None], order, 0)
-    return idx.to(torch.int32).contiguous(), count.to(torch.int32)
+    return ascending_lists(states == value)
 
 
 @dataclass(frozen=True, eq=False)

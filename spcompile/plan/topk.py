@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..spec.patterns import TopK
 from ..spec.topk import block_probs, eligible_blocks, forced_blocks, rank_blocks
+from .tiles import ascending_lists
 
 
 def estimate_blocks(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
@@ -56,22 +57,6 @@ def partial_blocks(pattern: TopK, n: int, kv_len: int, device: torch.device) -> 
     if kv_len % pattern.block:
         out[:, n - 1] = True
     return out
-
-
-def _ascending(m: Tensor, width: int | None) -> tuple[Tensor, Tensor]:
-    """Row-wise ascending column indices where ``m`` [L, n, n] is True: (idx [L, n, width] int32
-    padded with 0, count [L, n] int32). ``width`` None: the longest row (one device sync)."""
-    cnt = m.sum(-1, dtype=torch.int32)
-    if width is None:
-        width = int(cnt.max()) if cnt.numel() else 0
-    width = max(1, min(width, m.shape[-1]))
-    n = m.shape[-1]
-    # Selected columns rank above all others, lower columns first.
-    key = m.to(torch.int32) * n + torch.arange(n - 1, -1, -1, device=m.device, dtype=torch.int32)
-    idx = key.topk(width, dim=-1).indices.to(torch.int32)
-    slot = torch.arange(width, device=m.device, dtype=torch.int32)
-    idx = torch.where(slot < cnt[..., None], idx, 0)
-    return idx.contiguous(), cnt.contiguous()
 
 
 @dataclass(frozen=True)
@@ -108,8 +93,8 @@ def block_lists(pattern: TopK, sel: Tensor, kv_len: int, heads: int,
         full_m, part_m = full_m.transpose(1, 2), part_m.transpose(1, 2)
     elif pattern.k is not None:
         width = pattern.sink + pattern.local + pattern.k
-    full_idx, full_cnt = _ascending(full_m, width)
-    part_idx, part_cnt = _ascending(part_m, None if transposed else 1)
+    full_idx, full_cnt = ascending_lists(full_m, width)
+    part_idx, part_cnt = ascending_lists(part_m, None if transposed else 1)
     return BlockLists(full_idx, full_cnt, part_idx, part_cnt, heads // hs)
 
 
