@@ -17,13 +17,13 @@ __all__ = ["site_attention"]
 
 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, impl: str,
-                   key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out [B, H, S_q, Dv], lse [B, H, S_q]) of ``pattern`` (a canonical key: PerHead and
-    TopK included) on q [B, H, S_q, D], k/v [B, H_kv, S_kv, D], with an optional per-key bias
+    TopK included) on q [B, H, S_q, D], k/v [B, H_kv, S_kv, D], with an optional per-key mask
     [B or 1, S_kv] (key padding): exactly what :func:`spcompile.sparse_attention` runs."""
     from ..attention import sparse_attention
     from ..ops import pattern_from_key
 
     out, lse = sparse_attention(q, k, v, pattern_from_key(pattern), scale, return_lse=True,
-                                impl=impl, key_mask=key_bias)
+                                impl=impl, key_mask=key_mask)
     return out, lse

@@ -13,7 +13,6 @@ differs, a row whose every key is blocked, gives 0 here like any row without a k
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .opcall import site_attention
@@ -25,24 +24,23 @@ BLOCKED_BELOW = -1.0e4
 real score in every dtype)."""
 
 
-def _key_bias(key_padding: Tensor, kind: str) -> Tensor:
-    """float32 [B or 1, S_kv]: 0 for a kept key, the mask's value for an additive one, -inf for a
-    blocked one. ``key_padding`` broadcasts as a per-key mask (see ``is_key_mask``)."""
+def _key_mask(key_padding: Tensor, kind: str) -> Tensor:
+    """The site's mask as ``sparse_attention``'s ``key_mask`` [B or 1, S_kv]: bool (True = kept)
+    for allow/block masks, float for an additive one with its blocks made -inf.
+    ``key_padding`` broadcasts as a per-key mask (see ``is_key_mask``)."""
     # [B or 1, 1, 1, S_kv] at 4-D; below that, every axis but the keys has size 1.
     batch = key_padding.shape[0] if key_padding.dim() == 4 else 1
     m = key_padding.reshape(batch, key_padding.shape[-1])
     if kind == "additive":
         m = m.float()
         return m.masked_fill(m <= BLOCKED_BELOW, float("-inf"))
-    keep = m.bool() if kind == "allow" else ~m.bool()
-    return torch.zeros(keep.shape, dtype=torch.float32, device=m.device).masked_fill(
-        ~keep, float("-inf"))
+    return m.bool() if kind == "allow" else ~m.bool()
 
 
 def padded_sparse_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor, kind: str,
                             pattern: str, scale: float, impl: str) -> Tensor:
     """out [B, H, S_q, Dv] of ``pattern`` AND the per-key mask ``key_padding`` (``kind``:
     additive, allow or block) on q [B, H, S_q, D], k/v [B, H_kv, S_kv, D]."""
-    bias = _key_bias(key_padding, kind).to(q.device)
-    out, _ = site_attention(q, k, v, pattern, scale, impl, key_bias=bias)
+    key_mask = _key_mask(key_padding, kind).to(q.device)
+    out, _ = site_attention(q, k, v, pattern, scale, impl, key_mask=key_mask)
     return out
