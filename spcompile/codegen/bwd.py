@@ -25,6 +25,7 @@ from ..plan.tiles import TilePlan
 from .cache import load_source
 from .emit import layout_code
 from .fwd import (
+    OFFSETS,
     LaunchConfig,
     _indent,
     _to_2d,
@@ -71,12 +72,7 @@ def {name}(
     it = kv_tile
     b = bhk // H_KV
     hk = bhk % H_KV
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+{offsets}
 {k_layout}
     k_col = k_tok
     k_col_ok = k_ok
@@ -124,12 +120,7 @@ def attn_bwd_dq_kernel(
     h = bh % H
     hk = h // GROUP
 {lists}
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+{offsets}
 {q_layout}
     q_row = q_tok
     q_row_ok = q_ok
@@ -233,6 +224,7 @@ def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool) -> str:
     # Gathered programs write their own buffer, row = slot in the gather segment.
     store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
     return _DKDV.format(
+        offsets=OFFSETS,
         name=name,
         store_row=store_row,
         k_layout=_indent(kv_source_lines(plan, source), 4),
@@ -248,6 +240,7 @@ def bwd_source(plan: TilePlan, bias: bool = False) -> str:
     recomputed score."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
+        offsets=OFFSETS,
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),

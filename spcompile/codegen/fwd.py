@@ -54,6 +54,15 @@ def attn_fwd_kernel(
 ):
 {work}'''
 
+# Row, column and head-dim offsets and guards: the same opening in every generated kernel.
+OFFSETS = """\
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V"""
+
 # How a program picks its work items (Q tile rank, batch x head), numbered rank-major so that
 # item order is the plan's longest-first schedule. Default: one item per program, the grid is
 # every item and the hardware hands the next one to whichever SM frees up first.
@@ -82,12 +91,7 @@ _BODY = '''\
     hk = h // GROUP
 {lists}
     tile = tl.load(SCHEDULE + rank)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+{offsets}
 
     # This tile's query rows, straight from the unpermuted layout.
 {q_layout}
@@ -296,6 +300,7 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
     tma_store = tma and not persistent
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     body = _BODY.format(
+        offsets=OFFSETS,
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
         q_2d=_indent(_to_2d("q", plan.q_layout.ndim, "[:, None]"), 4),
