@@ -118,6 +118,49 @@ def test_lists_are_the_selection(name, s):
         assert torch.equal(got, sel.reshape(-1, n, n))
 
 
+@pytest.mark.parametrize("name", ["k", "k-causal", "k0"])
+@pytest.mark.parametrize("n", [1, 10, 21])
+def test_select_kernel_equals_the_reference_ranking(name, n):
+    """The Triton row ranking (used on GPUs) against the stable sort, with exact ties and
+    zero probabilities planted in every row."""
+    from spcompile.plan.topk_kernels import select_rows
+    from spcompile.spec.topk import rank_blocks
+
+    p = PATTERNS[name]
+    gen = torch.Generator().manual_seed(n)
+    probs = torch.rand(1, 2, n, n, generator=gen)
+    probs[..., ::3] = 0.25  # ties
+    probs[..., 1::4] = 0.0  # underflowed candidates are still candidates
+    dev = "cuda" if GPU else "cpu"
+    assert torch.equal(select_rows(p, probs.to(dev)).cpu(), rank_blocks(p, probs))
+    wide = dataclasses.replace(p, k=n + 3)  # k beyond the row: every eligible block
+    assert torch.equal(select_rows(wide, probs.to(dev)).cpu(), rank_blocks(wide, probs))
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("s", [160, 157])
+def test_compact_kernel_equals_the_torch_lists(name, s):
+    """The Triton compaction (used on GPUs) makes the same lists as ``ascending_lists``, rows
+    and transposed, ragged and causal."""
+    from spcompile.plan.topk_kernels import compact_rows
+
+    p = PATTERNS[name]
+    q, k, _, _ = _qkv(s, torch.float32, "cpu", seed=3)
+    sel = estimate_blocks(p, q, k)
+    n, dev = sel.shape[-1], "cuda" if GPU else "cpu"
+    for transposed in (False, True):
+        want = block_lists(p, sel, s, q.shape[1], transposed)
+        m = sel.reshape(-1, n, n)
+        m = m.transpose(1, 2) if transposed else m
+        ragged = s % p.block != 0
+        got = compact_rows(m.to(dev), want.full_idx.shape[-1], want.part_idx.shape[-1], p.causal,
+                           n - 1 if ragged and not transposed else -1,
+                           n - 1 if ragged and transposed else -1)
+        for a, b in zip(got, (want.full_idx, want.full_cnt, want.part_idx, want.part_cnt),
+                        strict=True):
+            assert torch.equal(a.cpu(), b)
+
+
 def test_static_half_of_the_plan():
     p = sp.TopK(block=16, k=2, local=1, causal=True)
     plan = build_plan(p, 50, 50)

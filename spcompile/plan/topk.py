@@ -24,6 +24,7 @@ from torch import Tensor
 from ..spec.patterns import TopK
 from ..spec.topk import block_probs, eligible_blocks, forced_blocks, rank_blocks
 from .tiles import ascending_lists
+from .topk_kernels import compact_rows, select_rows
 
 
 def estimate_blocks(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
@@ -32,6 +33,8 @@ def estimate_blocks(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = N
     probs = block_probs(pattern, q, k, scale)
     if pattern.k is None or probs.dtype != torch.float32:
         return rank_blocks(pattern, probs)  # coverage needs the sorted prefix sums
+    if probs.is_cuda:
+        return select_rows(pattern, probs)  # one pass over each row, in registers
     n = probs.shape[-1]
     forced = forced_blocks(pattern, n, probs.device)
     candidate = eligible_blocks(pattern, n, probs.device) & ~forced
@@ -82,20 +85,31 @@ def block_lists(pattern: TopK, sel: Tensor, kv_len: int, heads: int,
     """The lists the kernels read for selection ``sel`` [B, Hs, n, n] (bool).
 
     Forward and dQ visit per query tile (rows); ``transposed`` gives dK/dV's per key tile lists
-    (columns). FULL tiles skip the mask; PARTIAL ones (``partial_blocks``) evaluate it.
+    (columns). FULL tiles skip the mask; PARTIAL ones (``partial_blocks``) evaluate it. A
+    top-k row holds at most ``sink + local + k`` blocks and one PARTIAL (the diagonal, or the
+    ragged last column, which a causal row only reaches on the diagonal); otherwise the widths
+    are the longest row (one sync).
     """
     b, hs, n, _ = sel.shape
     m = sel.reshape(b * hs, n, n)
-    part = partial_blocks(pattern, n, kv_len, sel.device)
-    full_m, part_m = m & ~part, m & part
-    width: int | None = None
     if transposed:
-        full_m, part_m = full_m.transpose(1, 2), part_m.transpose(1, 2)
-    elif pattern.k is not None:
-        width = pattern.sink + pattern.local + pattern.k
-    full_idx, full_cnt = ascending_lists(full_m, width)
-    part_idx, part_cnt = ascending_lists(part_m, None if transposed else 1)
-    return BlockLists(full_idx, full_cnt, part_idx, part_cnt, heads // hs)
+        m = m.transpose(1, 2)
+    if pattern.k is not None and not transposed:
+        width, part_width = min(n, pattern.sink + pattern.local + pattern.k), 1
+    else:
+        width = part_width = max(1, int(m.sum(-1, dtype=torch.int32).max())) if m.numel() else 1
+    ragged = kv_len % pattern.block != 0
+    if m.is_cuda:
+        col = n - 1 if ragged and not transposed else -1
+        row = n - 1 if ragged and transposed else -1
+        lists = compact_rows(m, width, part_width, pattern.causal, col, row)
+    else:
+        part = partial_blocks(pattern, n, kv_len, sel.device)
+        part = part.T if transposed else part
+        full_idx, full_cnt = ascending_lists(m & ~part, width)
+        part_idx, part_cnt = ascending_lists(m & part, part_width)
+        lists = full_idx, full_cnt, part_idx, part_cnt
+    return BlockLists(*lists, heads // hs)
 
 
 def selected_pairs(pattern: TopK, sel: Tensor, q_len: int) -> int:

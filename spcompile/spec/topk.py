@@ -58,12 +58,14 @@ def block_probs(pattern: TopK, q: Tensor, k: Tensor, scale: float | None = None)
     h_kv = k.shape[1]
     pattern.check_lengths(s, k.shape[2])
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qp = pool_blocks(q, pattern.block)
-    kp = pool_blocks(k, pattern.block).repeat_interleave(h // h_kv, dim=1)
+    qp = pool_blocks(q, pattern.block) * scale
+    kp = pool_blocks(k, pattern.block)
     n = qp.shape[2]
-    scores = qp @ kp.transpose(-1, -2) * scale  # [B, H, n, n]
-    eligible = eligible_blocks(pattern, n, q.device)
-    probs = scores.masked_fill(~eligible, float("-inf")).softmax(-1)
+    # [B, H_kv, group, n, D] @ [B, H_kv, 1, D, n]: GQA broadcasts, no repeated copy of k.
+    scores = (qp.view(b, h_kv, h // h_kv, n, d) @ kp[:, :, None].transpose(-1, -2)).flatten(1, 2)
+    if pattern.causal:
+        scores = scores.masked_fill(~eligible_blocks(pattern, n, q.device), float("-inf"))
+    probs = scores.softmax(-1)  # [B, H, n, n]
     if pattern.share_gqa:
         probs = probs.view(b, h_kv, h // h_kv, n, n).mean(2)
     return probs
