@@ -107,7 +107,8 @@ def _key_bias(key_mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None
 
 def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_tile, key_bias):
     """One launch per run of consecutive heads sharing a pattern; views, not copies, of q/k/v
-    whenever the run is aligned to whole GQA groups."""
+    whenever the run is aligned to whole GQA groups. Without ``return_lse`` a Dense run is
+    SDPA's (FlashAttention's) launch, forward and backward."""
     h, h_kv = q.shape[1], k.shape[1]
     group = h // h_kv
     outs, lses = [], []
@@ -117,9 +118,9 @@ def _per_head(q, k, v, pattern: PerHead, scale, return_lse, impl, q_tile, kv_til
         else:  # a run that splits a GQA group: give each query head its own K/V head
             kv_heads = torch.arange(start, stop, device=k.device) // group
             ks, vs = k.index_select(1, kv_heads), v.index_select(1, kv_heads)
-        out, lse = sparse_attention(q[:, start:stop], ks, vs, member, scale, True, impl,
-                                    q_tile, kv_tile, key_bias)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs, 1), torch.cat(lses, 1)
-    return (out, lse) if return_lse else out
+        res = sparse_attention(q[:, start:stop], ks, vs, member, scale, return_lse, impl,
+                               q_tile, kv_tile, key_bias)
+        outs.append(res[0] if return_lse else res)
+        lses.append(res[1] if return_lse else None)
+    out = torch.cat(outs, 1)
+    return (out, torch.cat(lses, 1)) if return_lse else out
