@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .blockwise import blockwise_attention, blockwise_attention_backward
+from .plan.choose import backward_tiles
 from .plan.tiles import TilePlan, build_plan
 from .plan.topk import BlockLists, block_lists, estimate_blocks
 from .spec.patterns import Pattern, TopK, pattern_from_dict
@@ -49,6 +50,12 @@ def _plan_for(key: str, q_len: int, kv_len: int, q_tile: tuple[int, ...],
     """One dict lookup per call once warm (build_plan's own checks cost ~20 us a call)."""
     return build_plan(pattern_from_key(key), q_len, kv_len, q_tile or None, kv_tile or None,
                       head_dim)
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_tiles(key: str, q_len: int, kv_len: int, head_dim: int
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return backward_tiles(pattern_from_key(key), q_len, kv_len, head_dim)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -136,6 +143,9 @@ def attention_backward_op(
     blocks: Optional[Tensor] = None,  # noqa: UP045
     key_bias: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if impl == "triton" and not q_tile and not kv_tile and blocks is None:
+        q_tile, kv_tile = (list(t) for t in _backward_tiles(pattern, q.shape[2], k.shape[2],
+                                                            q.shape[3]))
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":

@@ -72,6 +72,25 @@ def default_tiles(
     return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
 
 
+def backward_tiles(
+    pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128
+) -> tuple[TileShape, TileShape]:
+    """(q_tile, kv_tile) for the backward kernels when the caller chose none.
+
+    The backward needs only the forward's output and LSE, so its tiles are its own. N-d boxes
+    of 64 tokens: the dK/dV and dQ loops each hold five tile products, and 128-token boxes run
+    them at 8 warps and one stage. On the H100, na2d31's backward took 2.92 ms at 8x8/8x8, 4
+    warps, 2 stages against 4.63 ms at the forward's 8x16/8x16 (benchmarks/data/
+    2026-11-23-s3-h100-tune-bwd-nd.json); forward+backward over SDPA's went 3.59x -> 4.99x,
+    na3d 2.73x -> 4.40x, hunyuan_gna 5.29x -> 5.61x (2026-11-23-s3-h100-bwd-nd.json). 1-D
+    patterns keep the forward's 128/64: their sweep (2026-11-23-h100-tune-bwd.json) tried
+    launch configs only, so no other 1-D backward tile has been measured.
+    """
+    if grid_of(pattern) is None:
+        return default_tiles(pattern, q_len, kv_len, head_dim)
+    return best_boxes(pattern, q_len, kv_len, 64, 64)
+
+
 def best_boxes(
     pattern: Pattern, q_len: int, kv_len: int, q_tokens: int, kv_tokens: int
 ) -> tuple[TileShape, TileShape]:
