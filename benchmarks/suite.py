@@ -47,3 +47,13 @@ def suite() -> list[Row]:
         Row("mixed32k", sp.PerHead({range(0, 4): sp.Dense(), range(4, 24): streaming}), 32768,
             None, flex=False),
     ]
+
+
+def held_out() -> list[Row]:
+    """Rows outside TARGETS.md, for checking the simulator on shapes its calibration never saw
+    (``benchmarks/run.py --rows`` takes their ids too)."""
+    return [
+        Row("topk32k_causal", sp.TopK(block=64, k=8, sink=1, local=2, causal=True), 32768, None,
+            flex=False),
+        Row("topk64k_b128", sp.TopK(block=128, k=8, sink=1, local=1), 65536, None, flex=False),
+    ]
