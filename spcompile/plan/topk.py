@@ -128,10 +128,11 @@ def selected_pairs(pattern: TopK, sel: Tensor, q_len: int) -> int:
 def estimation_passes(pattern: TopK, batch: int, heads: int, kv_heads: int, seq_len: int,
                       head_dim: int, elem_bytes: int) -> list[tuple[str, float, float]]:
     """(what, bytes moved, fp32 matrix FLOPs) of every device pass that ``estimate_blocks`` and
-    ``block_lists`` make, in order: the simulator's cost of TopK's dynamic half.
+    ``block_lists`` make on a GPU, in order: the simulator's cost of TopK's dynamic half.
 
-    Each entry is one or a few PyTorch kernels over [B, H, n, n] (n = blocks), so the cost is
-    bandwidth over these bytes plus a launch each, and the one fp32 matmul of pooled blocks.
+    PyTorch makes the pooled scores (a few kernels over [B, H, n, n], n = blocks, and one fp32
+    matmul); the ranking and the lists are one Triton pass each (``topk_kernels``), except
+    for coverage, which ranks by PyTorch's sort and prefix sums.
     """
     n = -(-seq_len // pattern.block)
     lists = batch * (kv_heads if pattern.share_gqa else heads)
@@ -140,20 +141,32 @@ def estimation_passes(pattern: TopK, batch: int, heads: int, kv_heads: int, seq_
     passes = [
         ("pool q and k", (heads + kv_heads) * batch * seq_len * head_dim * elem_bytes, 0.0),
         ("score pooled blocks", nn * 4, 2.0 * nn * head_dim),
-        ("mask and softmax", nn * 4 * 4, 0.0),
     ]
+    if pattern.causal:
+        passes.append(("mask later blocks", nn * 4 * 2, 0.0))
+    passes.append(("softmax", nn * 4 * 2, 0.0))
     if pattern.share_gqa:
         passes.append(("average GQA groups", nn * 4 + sel * 4, 0.0))
     if pattern.k is not None:
-        # int64 keys (bits of p over the column), masked, then top-k and a scatter.
-        passes += [("rank keys", sel * (4 + 8 + 8 + 8), 0.0),
-                   ("top-k and scatter", sel * (8 + 1 + 2), 0.0)]
+        passes.append(("rank rows (Triton)", sel * (4 + 1), 0.0))
+        width = min(n, pattern.sink + pattern.local + pattern.k) + 1
     else:
         passes += [("stable sort", sel * 4 * 8, 0.0), ("prefix sums and scatter", sel * 16, 0.0)]
-    # Full and partial lists: split, int32 keys, top-k of the row width.
-    passes.append(("visiting lists", sel * 2 * (1 + 4 + 4 + 4), 0.0))
+        width = n + 1  # at most; the run syncs once for the longest row
+    passes.append(("visiting lists (Triton)", sel + lists * n * width * 4 * 2, 0.0))
     return passes
 
 
-#: PyTorch kernel launches per pass of ``estimation_passes`` (roughly: each op is one).
-LAUNCHES_PER_PASS = 3
+def rank_steps(pattern: TopK, batch: int, heads: int, kv_heads: int, seq_len: int) -> int:
+    """Row elements the ranking kernel (``topk_kernels.select_rows``) scans: each of a row's
+    ``k`` rounds reads the whole (power-of-two padded) row. 0 for coverage (a sort instead)."""
+    if pattern.k is None:
+        return 0
+    n = -(-seq_len // pattern.block)
+    rows = batch * (kv_heads if pattern.share_gqa else heads) * n
+    return rows * min(pattern.k, n) * (1 << max(n - 1, 0).bit_length())
+
+
+#: Device kernels per pass of ``estimation_passes`` (each PyTorch op or Triton kernel is one;
+#: pooling and the causal mask take a few).
+LAUNCHES_PER_PASS = 2

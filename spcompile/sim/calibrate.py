@@ -31,18 +31,22 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..plan.tiles import TilePlan, build_plan
-from ..spec.patterns import Pattern, pattern_from_dict
+from ..spec.patterns import Pattern, TopK, pattern_from_dict
 from .hardware import KernelCoefficients, LaunchKey, Profile, dtype_name
 from .model import Problem, Workload, launch_cost, workload_from_plan
 
 __all__ = [
     "FitResult",
     "Measurement",
+    "TopKMeasurement",
     "fit",
+    "fit_topk",
     "load_results",
+    "load_topk_results",
     "predict_ms",
 ]
 
@@ -122,7 +126,8 @@ def load_suite(path: str | Path) -> dict[str, tuple[Pattern, int]]:
     if not hasattr(module, "suite"):
         raise ValueError(f"{path}: expected a function suite() returning rows with .id, "
                          ".pattern and .seq_len")
-    return {row.id: (row.pattern, row.seq_len) for row in module.suite()}
+    rows = list(module.suite()) + list(getattr(module, "held_out", list)())
+    return {row.id: (row.pattern, row.seq_len) for row in rows}
 
 
 def _rows(tree: Any, path: Path) -> list[dict[str, Any]]:
@@ -177,6 +182,9 @@ def load_results(
             where = f"{path.name}[{i}] {row.get('id', '?')}"
             if "error" in row:
                 skipped.append(f"{where}: the run failed ({str(row['error'])[:60]})")
+                continue
+            if isinstance(known.get(str(row.get("id")), (None,))[0], TopK):
+                skipped.append(f"{where}: a TopK row (run-time lists: fit_topk fits it)")
                 continue
             try:
                 m = _measurement(row, known, env_problem, file_launch, path.name)
@@ -476,3 +484,109 @@ def _sdpa_rates(rows: Sequence[Measurement], base: Profile) -> dict[str, Any]:
               for d in {*base.kernel.sdpa_tflops_by_kv_len, *table}}
     return {"sdpa_tflops": {**base.kernel.sdpa_tflops, **typical},
             "sdpa_tflops_by_kv_len": merged}
+
+
+# ---------------------------------------------------------------------------------------------
+# TopK: the run-time list kernels and the estimation
+
+
+@dataclass(frozen=True)
+class TopKMeasurement:
+    """One TopK launch over a fixed selection (``kernel_ms``, estimation excluded) and, when
+    recorded, the estimation with its lists (``dynamic_ms``)."""
+
+    id: str
+    pattern: TopK
+    problem: Problem
+    warps: int
+    stages: int
+    kernel_ms: float
+    dynamic_ms: float | None
+    source: str
+
+    def predict(self, profile: Profile) -> tuple[float, float]:
+        """(kernel ms, estimation + lists ms) as ``simulate`` computes them."""
+        from .model import workload_from_counts
+        from .simulate import _topk_counts, _topk_estimation_ms
+
+        n = -(-self.problem.kv_len // self.pattern.block)
+        full, partial, _ = _topk_counts(self.pattern, n)
+        key = LaunchKey(self.pattern.block, self.pattern.block, self.warps, self.stages)
+        work = workload_from_counts(full, partial, self.problem, key)
+        kernel = launch_cost(work, profile, self.problem.dtype).kernel_ms
+        return kernel, _topk_estimation_ms(self.pattern, self.problem, profile)[0]
+
+
+def load_topk_results(paths: Iterable[str | Path], suite: str | Path
+                      ) -> list[TopKMeasurement]:
+    """TopK rows of result files: ``benchmarks/run.py`` rows (``kernel_ms``, ``estimation_ms``,
+    ``lists_ms``, at the default launch) and ``tune.py`` TopK rows (``fwd_ms`` per launch)."""
+    from ..codegen.fwd import default_config
+
+    known = load_suite(suite)
+    out = []
+    for raw in paths:
+        path = _split_launch(str(raw), None)[0]
+        tree = json.loads(path.read_text())
+        for row in _rows(tree, path):
+            pattern, seq_len = known.get(str(row.get("id")), (None, 0))
+            ms = _first(row, "kernel_ms", "fwd_ms")
+            if not isinstance(pattern, TopK) or ms is None or "error" in row:
+                continue
+            warps, stages = row.get("warps"), row.get("stages")
+            if warps is None or stages is None:
+                tile = SimpleNamespace(tile_size=pattern.block)
+                config = default_config(SimpleNamespace(q_layout=tile, kv_layout=tile))
+                warps, stages = config.num_warps, config.num_stages
+            heads = int(row.get("heads", SUITE_PROBLEM["heads"]))
+            problem = Problem(int(row.get("batch", SUITE_PROBLEM["batch"])), heads,
+                              int(row.get("kv_heads", heads)), seq_len, seq_len,
+                              int(row.get("head_dim", SUITE_PROBLEM["head_dim"])),
+                              str(SUITE_PROBLEM["dtype"]))
+            dynamic = None
+            if row.get("estimation_ms") is not None and row.get("lists_ms") is not None:
+                dynamic = float(row["estimation_ms"]) + float(row["lists_ms"])
+            out.append(TopKMeasurement(str(row["id"]), pattern, problem, int(warps),
+                                       int(stages), float(ms), dynamic, path.name))
+    return out
+
+
+def fit_topk(rows: Sequence[TopKMeasurement], base: Profile, hold_out: Iterable[str] = ()
+             ) -> tuple[KernelCoefficients, list[str]]:
+    """``list_tile_us`` (to the kernel times) and ``rank_gsteps`` (to estimation + lists),
+    each a 1-D least squares in log time over the rows not held out; every other coefficient
+    of ``base`` is kept. Returns the coefficients and one line per row, held-out ones marked."""
+    held = set(hold_out)
+    used = [r for r in rows if r.id not in held]
+    if not used:
+        raise ValueError("fit_topk: no TopK rows left after holding out " + ", ".join(held))
+
+    def with_(**values: float) -> Profile:
+        return dataclasses.replace(base, kernel=dataclasses.replace(base.kernel, **values))
+
+    def kernel_loss(extra: float) -> float:
+        prof = with_(list_tile_us=extra)
+        return sum(math.log(r.predict(prof)[0] / r.kernel_ms) ** 2 for r in used)
+
+    extra = _golden(kernel_loss, 0.0, 10.0, iters=40)
+    timed = [r for r in used if r.dynamic_ms is not None]
+    rate = base.kernel.rank_gsteps
+    if timed:
+        def dynamic_loss(log_rate: float) -> float:
+            prof = with_(list_tile_us=extra, rank_gsteps=math.exp(log_rate))
+            return sum(math.log(r.predict(prof)[1] / r.dynamic_ms) ** 2 for r in timed)
+
+        rate = math.exp(_golden(dynamic_loss, math.log(1.0), math.log(1e5), iters=48))
+    coefficients = dataclasses.replace(base.kernel, list_tile_us=round(extra, 4),
+                                       rank_gsteps=round(rate, 1))
+    prof = dataclasses.replace(base, kernel=coefficients)
+    lines = []
+    for r in rows:
+        kernel, dynamic = r.predict(prof)
+        text = (f"{r.id} w{r.warps}s{r.stages} ({r.source}): kernel {kernel:.3f} ms predicted, "
+                f"{r.kernel_ms:.3f} measured ({kernel / r.kernel_ms - 1:+.1%})")
+        if r.dynamic_ms is not None:
+            text += (f"; estimation + lists {dynamic:.3f} predicted, {r.dynamic_ms:.3f} measured "
+                     f"({dynamic / r.dynamic_ms - 1:+.1%})")
+        lines.append(text + (" [held out]" if r.id in held else ""))
+    return coefficients, lines

@@ -180,7 +180,7 @@ def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibrate(args: argparse.Namespace, out: Output) -> int:
-    from .calibrate import fit, load_results
+    from .calibrate import fit, fit_topk, load_results, load_topk_results
     from .hardware import load_profile, user_profile_dir
 
     suite = args.suite or ("benchmarks/suite.py" if Path("benchmarks/suite.py").is_file()
@@ -203,6 +203,13 @@ def calibrate(args: argparse.Namespace, out: Output) -> int:
     name = args.name or base.name
     profile = dataclasses.replace(base, name=name, kernel=result.coefficients, calibrated=True,
                                   kernel_from=None)
+    topk_rows = load_topk_results(files, suite) if suite is not None else []
+    if topk_rows:  # TopK's run-time lists and estimation, on top of the static fit
+        coefficients, lines = fit_topk(topk_rows, profile, hold_out)
+        profile = dataclasses.replace(profile, kernel=coefficients)
+        result.coefficients = coefficients
+        for line in lines:
+            out.line(f"topk {line}")
     path = Path(args.out) if args.out else user_profile_dir() / f"{name}.json"
     profile.write(path)
     _show_fit(result, profile, out)

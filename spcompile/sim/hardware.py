@@ -110,6 +110,10 @@ class KernelCoefficients:
     measured at several key lengths (SDPA slowed from ~636 to ~583 TFLOP/s between 65k and 115k
     tokens on the H100, 24 heads), interpolated in log(kv_len). ``host_us``: CPU time of one
     ``attn_fwd`` call (kernels shorter than that are host-bound when the CPU cannot run ahead).
+    ``list_tile_us``: extra SM time of a tile whose KV index comes from a run-time list (TopK):
+    a dependent load before every K/V load, a latency per tile whatever its size.
+    ``rank_gsteps``: billions of row elements per second that TopK's ranking kernel scans
+    (each of its ``k`` rounds is a max and an argmax over the row: compute, not bandwidth).
     """
 
     efficiency: dict[str, float]
@@ -120,6 +124,8 @@ class KernelCoefficients:
     gather_extra: float = 0.0
     sdpa_tflops_by_kv_len: dict[str, dict[str, float]] = field(default_factory=dict)
     host_us: float = 0.0
+    list_tile_us: float = 0.0
+    rank_gsteps: float = 0.0
     fit: dict[str, Any] = field(default_factory=dict)
 
     def efficiency_for(self, key: LaunchKey) -> tuple[float, str | None]:
@@ -156,6 +162,8 @@ class KernelCoefficients:
             "sdpa_tflops": self.sdpa_tflops,
             "sdpa_tflops_by_kv_len": self.sdpa_tflops_by_kv_len,
             "host_us": self.host_us,
+            "list_tile_us": self.list_tile_us,
+            "rank_gsteps": self.rank_gsteps,
             "fit": self.fit,
         }
 
@@ -172,6 +180,8 @@ class KernelCoefficients:
                 dtype: {str(n): float(r) for n, r in table.items()}
                 for dtype, table in tree.get("sdpa_tflops_by_kv_len", {}).items()},
             host_us=float(tree.get("host_us", 0.0)),
+            list_tile_us=float(tree.get("list_tile_us", 0.0)),
+            rank_gsteps=float(tree.get("rank_gsteps", 0.0)),
             fit=dict(tree.get("fit", {})),
         )
 

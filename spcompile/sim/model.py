@@ -11,6 +11,9 @@ gathered tiles. With D the padded head dim and one SM to itself, a program takes
     t_partial = t_full + partial_extra * (the matrix part of t_full)
     t_gather  = t_partial + gather_extra * (the matrix part) + permute * Tk   (plan.gather tiles)
 
+and, where the KV tiles come from run-time lists (TopK), every tile takes ``list_tile_us``
+more (the list load that each K/V load waits for).
+
 where ``launch`` is the tile volumes, warps, stages and whether the tiles are boxes of an N-d
 grid (those load through the token layout / 2-D-3-D TMA boxes and have their own efficiency).
 
@@ -96,6 +99,7 @@ class Workload:
     kv_permuted: bool
     gathered: int  # gathered tiles per program (loaded through a token index)
     hbm_bytes: float  # q, k, v, o (and lse) once
+    runtime_lists: bool = False  # KV tiles come from run-time lists (TopK)
 
     @property
     def programs(self) -> int:
@@ -152,7 +156,7 @@ def workload_from_counts(full: Tensor, partial: Tensor, problem: Problem, key: L
                     copies=problem.batch * problem.heads, key=key,
                     block_d=padded_dim(problem.head_dim), block_dv=padded_dim(problem.dv),
                     elem_bytes=problem.elem_bytes, q_permuted=False, kv_permuted=False,
-                    gathered=0, hbm_bytes=_hbm_bytes(problem))
+                    gathered=0, hbm_bytes=_hbm_bytes(problem), runtime_lists=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +256,8 @@ def tile_times(work: Workload, profile: Profile, dtype: str, efficiency: float
     mma = work.tile_flops / (per_sm * efficiency)
     permute = k.permute_ns_per_token * 1e-9
     kv_load = permute * work.key.kv_tokens if work.kv_permuted else 0.0
+    if work.runtime_lists:
+        kv_load += k.list_tile_us * 1e-6
     full = mma + kv_load
     partial = mma * (1.0 + k.partial_extra) + kv_load
     gathered = mma * (1.0 + k.partial_extra + k.gather_extra) + permute * work.key.kv_tokens

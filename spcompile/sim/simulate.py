@@ -222,7 +222,9 @@ def _per_head(pattern: PerHead, problem: Problem, profile: Profile, q_tile: Tile
                               problem.head_dim, problem.dtype)
         if isinstance(member, TopK):
             sub = _topk(member, sub_problem, profile)
-        else:  # a Dense run also goes through our kernel here (with its LSE)
+        elif isinstance(member, Dense):  # SDPA's launch (attention._per_head)
+            sub = _dense_site(member, sub_problem, profile)
+        else:
             sub = _static(member, sub_problem, profile, q_tile, kv_tile, launch)
         sub.label = f"heads {start}-{stop - 1}"
         subs.append(sub)
@@ -273,8 +275,9 @@ def _topk_counts(p: TopK, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
 def _topk_estimation_ms(p: TopK, problem: Problem, profile: Profile) -> tuple[float, str]:
     """The estimation's passes (``plan.topk.estimation_passes``, the same ops the run makes):
     each costs its bytes at HBM bandwidth or its fp32 FLOPs at the fp32 matmul rate, plus
-    launches."""
-    from ..plan.topk import LAUNCHES_PER_PASS, estimation_passes
+    launches; the ranking kernel also scans its rows ``k`` times (``rank_steps``), at the
+    profile's ``rank_gsteps``."""
+    from ..plan.topk import LAUNCHES_PER_PASS, estimation_passes, rank_steps
 
     passes = estimation_passes(p, problem.batch, problem.heads, problem.kv_heads,
                                problem.q_len, problem.head_dim, problem.elem_bytes)
@@ -282,6 +285,9 @@ def _topk_estimation_ms(p: TopK, problem: Problem, profile: Profile) -> tuple[fl
     hbm = profile.hbm_gbps * 1e9
     ms = sum(max(flops / fp32, moved / hbm) for _, moved, flops in passes) * 1e3
     ms += len(passes) * LAUNCHES_PER_PASS * profile.launch_us * 1e-3
+    steps = rank_steps(p, problem.batch, problem.heads, problem.kv_heads, problem.q_len)
+    if steps and profile.kernel.rank_gsteps > 0:
+        ms += steps / (profile.kernel.rank_gsteps * 1e9) * 1e3
     moved = sum(m for _, m, _ in passes)
     flops = sum(f for _, _, f in passes)
     text = (f"{ms:.3f} ms: {len(passes)} passes ({', '.join(w for w, _, _ in passes)}) moving "
