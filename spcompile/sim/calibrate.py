@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from ..plan.tiles import TilePlan, build_plan
@@ -506,14 +505,10 @@ class TopKMeasurement:
 
     def predict(self, profile: Profile) -> tuple[float, float]:
         """(kernel ms, estimation + lists ms) as ``simulate`` computes them."""
-        from .model import workload_from_counts
-        from .simulate import _topk_counts, _topk_estimation_ms
+        from .simulate import _topk_estimation_ms, _topk_kernel, _topk_key
 
-        n = -(-self.problem.kv_len // self.pattern.block)
-        full, partial, _ = _topk_counts(self.pattern, n)
-        key = LaunchKey(self.pattern.block, self.pattern.block, self.warps, self.stages)
-        work = workload_from_counts(full, partial, self.problem, key)
-        kernel = launch_cost(work, profile, self.problem.dtype).kernel_ms
+        key = _topk_key(self.pattern, (self.warps, self.stages))
+        kernel = _topk_kernel(self.pattern, self.problem, profile, key)[0].kernel_ms
         return kernel, _topk_estimation_ms(self.pattern, self.problem, profile)[0]
 
 
@@ -521,7 +516,7 @@ def load_topk_results(paths: Iterable[str | Path], suite: str | Path
                       ) -> list[TopKMeasurement]:
     """TopK rows of result files: ``benchmarks/run.py`` rows (``kernel_ms``, ``estimation_ms``,
     ``lists_ms``, at the default launch) and ``tune.py`` TopK rows (``fwd_ms`` per launch)."""
-    from ..codegen.fwd import default_config
+    from .simulate import _topk_key
 
     known = load_suite(suite)
     out = []
@@ -535,9 +530,8 @@ def load_topk_results(paths: Iterable[str | Path], suite: str | Path
                 continue
             warps, stages = row.get("warps"), row.get("stages")
             if warps is None or stages is None:
-                tile = SimpleNamespace(tile_size=pattern.block)
-                config = default_config(SimpleNamespace(q_layout=tile, kv_layout=tile))
-                warps, stages = config.num_warps, config.num_stages
+                key = _topk_key(pattern)
+                warps, stages = key.warps, key.stages
             heads = int(row.get("heads", SUITE_PROBLEM["heads"]))
             problem = Problem(int(row.get("batch", SUITE_PROBLEM["batch"])), heads,
                               int(row.get("kv_heads", heads)), seq_len, seq_len,

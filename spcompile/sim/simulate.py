@@ -295,15 +295,30 @@ def _topk_estimation_ms(p: TopK, problem: Problem, profile: Profile) -> tuple[fl
     return ms, text
 
 
+def _topk_key(p: TopK, warps_stages: tuple[int, int] | None = None) -> LaunchKey:
+    """The launch of TopK's kernel: tiles are its blocks; warps and stages as given, else what
+    ``codegen.fwd.default_config`` launches for such tiles."""
+    if warps_stages is None:
+        tile = SimpleNamespace(tile_size=p.block)
+        config = default_config(SimpleNamespace(q_layout=tile, kv_layout=tile))
+        warps_stages = config.num_warps, config.num_stages
+    return LaunchKey(p.block, p.block, *warps_stages)
+
+
+def _topk_kernel(p: TopK, problem: Problem, profile: Profile, key: LaunchKey
+                 ) -> tuple[LaunchCost, torch.Tensor, torch.Tensor, str]:
+    """The kernel's cost over the expected selection, with the per-block (full, partial) tile
+    counts and the assumption behind them (the calibration fits through this too)."""
+    full, partial, how = _topk_counts(p, -(-problem.kv_len // p.block))
+    cost = launch_cost(workload_from_counts(full, partial, problem, key), profile, problem.dtype)
+    return cost, full, partial, how
+
+
 def _topk(p: TopK, problem: Problem, profile: Profile) -> SimReport:
     p.check_lengths(problem.q_len, problem.kv_len)
     n = -(-problem.kv_len // p.block)
-    full, partial, how = _topk_counts(p, n)
-    plan_like = SimpleNamespace(q_layout=SimpleNamespace(tile_size=p.block),
-                                kv_layout=SimpleNamespace(tile_size=p.block))
-    config = default_config(plan_like)
-    key = LaunchKey(p.block, p.block, config.num_warps, config.num_stages)
-    cost = launch_cost(workload_from_counts(full, partial, problem, key), profile, problem.dtype)
+    key = _topk_key(p)
+    cost, full, partial, how = _topk_kernel(p, problem, profile, key)
     est_ms, est_text = _topk_estimation_ms(p, problem, profile)
     visited = int((full + partial).sum())
     pairs = (visited * p.block * p.block
