@@ -67,8 +67,7 @@ def {name}(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    kv_tile = pid // BHK
-    bhk = pid % BHK
+{order}
     it = kv_tile
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -114,8 +113,7 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tile = pid // BH
-    bh = pid % BH
+{order}
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -220,10 +218,23 @@ def _dq_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) -> l
     return lines
 
 
-def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool) -> str:
+def _program_order(tile: str, heads: str, num_tiles: int, head_major: bool) -> str:
+    """Lines splitting ``pid`` into (``tile``, ``heads``): tile-major, or head-major so that the
+    programs in flight share a head's tensors in L2 (see ``LaunchConfig.head_major``)."""
+    if head_major:
+        lines = [f"{heads} = pid // {num_tiles}", f"{tile} = pid % {num_tiles}"]
+    else:
+        upper = heads.upper()
+        lines = [f"{tile} = pid // {upper}", f"{heads} = pid % {upper}"]
+    return _indent(lines, 4)
+
+
+def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool, head_major: bool) -> str:
     # Gathered programs write their own buffer, row = slot in the gather segment.
     store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
+    num_tiles = plan.gather.num_tiles if source == "gather" else plan.num_kv_tiles
     return _DKDV.format(
+        order=_program_order("kv_tile", "bhk", num_tiles, head_major),
         offsets=OFFSETS,
         name=name,
         store_row=store_row,
@@ -235,11 +246,12 @@ def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool) -> str:
     )
 
 
-def bwd_source(plan: TilePlan, bias: bool = False) -> str:
+def bwd_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> str:
     """The backward kernels' source; ``bias`` adds the per-key bias (key padding) to every
-    recomputed score."""
+    recomputed score, ``head_major`` numbers the programs head by head."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
+        order=_program_order("tile", "bh", plan.num_q_tiles, head_major),
         offsets=OFFSETS,
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),
@@ -247,9 +259,9 @@ def bwd_source(plan: TilePlan, bias: bool = False) -> str:
         offset=plan.kv_len - plan.q_len,
         loops=fwd_loops(plan, functools.partial(_dq_step, bias=bias)),
     )
-    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel", bias) + dq
+    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel", bias, head_major) + dq
     if plan.gather is not None:
-        out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel", bias)
+        out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel", bias, head_major)
     return out
 
 
@@ -264,10 +276,11 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_module(plan: TilePlan, bias: bool = False) -> Any:
+def _bwd_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
     """Generated once per plan and variant (see fwd._fwd_module)."""
-    name = kernel_name(plan, "bwd") + ("-keybias" if bias else "")
-    return load_source(name, bwd_source(plan, bias))
+    name = kernel_name(plan, "bwd") + ("-keybias" if bias else "") + (
+        "-headmajor" if head_major else "")
+    return load_source(name, bwd_source(plan, bias, head_major))
 
 
 def attn_bwd(
@@ -287,14 +300,15 @@ def attn_bwd(
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
     delta = (do.float() * out.float()).sum(-1)
     lse = lse.contiguous()
-    module = _bwd_module(plan, key_bias is not None)
+    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
+    cfg = config or bwd_config(block_m, block_n)
+    module = _bwd_module(plan, key_bias is not None, cfg.head_major)
     t = plan.device_tensors(q.device)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim,
         BLOCK_D=padded_dim(d),
@@ -302,7 +316,6 @@ def attn_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    cfg = config or bwd_config(block_m, block_n)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                lse.stride(0), lse.stride(1))

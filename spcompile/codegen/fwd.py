@@ -3,10 +3,12 @@
     for each FULL kv tile:    s = q k^T            (no mask arithmetic at all)
     for each PARTIAL kv tile: s = mask(q k^T)      (the pattern's expression, emit.mask_expr)
 
-Online softmax in fp32 with exp2 (the scale folded into log2 e). Work items are numbered
-rank-major over (Q tile rank in the longest-first schedule, batch x head), so every head's
-longest tiles start in the first wave and the short ones fill the tail. By default each program
-runs one item; the opt-in persistent variant (``LaunchConfig.persistent``, or
+Online softmax in fp32 with exp2 (the scale folded into log2 e). FULL tiles that form a box of
+the KV tile grid (a run in 1-D, a rectangle or cuboid of boxes in N-d) are computed from the
+loop counter (``plan.boxes``), so no K/V load waits on an index load. Work items (Q tile rank in
+the longest-first schedule, batch x head) are numbered head-major, so the programs in flight
+share one head's K/V in L2 (``LaunchConfig.head_major``). By default each program runs one
+item; the opt-in persistent variant (``LaunchConfig.persistent``, or
 SPCOMPILE_PERSISTENT=1) launches about one wave of programs that stride over the items in the
 same order, generated from the same body. Token permutation is fused: row r of a tile loads
 token ``tok(tile, r)`` straight from the unpermuted [B, H, S, D] tensors (emit.layout_code).
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..plan.boxes import tile_strides
 from ..plan.layout import TokenLayout
 from ..plan.tiles import TilePlan
 from .cache import load_source
@@ -44,7 +47,7 @@ import triton.language as tl
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, SCHEDULE, AUX, GATHER, KBIAS,
-   {desc_args} sm_scale, AUX_STRIDE, s_kbb,
+    FULL_BOX,{desc_args} sm_scale, AUX_STRIDE, s_kbb,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh,
     full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr,
@@ -63,14 +66,21 @@ OFFSETS = """\
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V"""
 
-# How a program picks its work items (Q tile rank, batch x head), numbered rank-major so that
-# item order is the plan's longest-first schedule. Default: one item per program, the grid is
-# every item and the hardware hands the next one to whichever SM frees up first.
+# How a program picks its work items (Q tile rank, batch x head). Default: one item per
+# program, the grid is every item and the hardware hands the next one to whichever SM frees up
+# first. ``_ITEM_ORDER`` numbers the items (see ``LaunchConfig.head_major``).
 _ONE_ITEM = '''\
     pid = tl.program_id(0)
-    rank = pid // BH
-    bh = pid % BH
+{order}
 '''
+
+_ITEM_ORDER = {
+    # Rank-major: every head's longest tiles in the first wave, the short ones in the tail.
+    False: ("rank = {item} // BH", "bh = {item} % BH"),
+    # Head-major: the programs in flight share a head (and its K/V in L2), longest-first
+    # within it.
+    True: ("bh = {item} // {num_q_tiles}", "rank = {item} % {num_q_tiles}"),
+}
 
 # Persistent: a grid of about one wave of programs, each striding over the items in the same
 # order; ``_BODY`` runs indented one level deeper inside the loop. Program p takes items p,
@@ -80,8 +90,7 @@ _ONE_ITEM = '''\
 # is what ``benchmarks/tune.py --persistent`` measures.
 _GRID_STRIDE = '''\
     for work in tl.range(tl.program_id(0), {num_q_tiles} * BH, tl.num_programs(0)):
-        rank = work // BH
-        bh = work % BH
+{order}
 '''
 
 # One work item: everything after the choice of (rank, bh), shared by both variants.
@@ -231,13 +240,35 @@ def list_pointers(plan: TilePlan, heads: str) -> list[str]:
     return lines + [f"{var} = {arg} + lh * {stride}" for var, arg, stride in names]
 
 
+def box_tile_lines(plan: TilePlan, tile: str) -> tuple[list[str], str]:
+    """(lines before the loop, the ``it``-th tile's id): the FULL box of Q tile ``tile``, read
+    once, and the arithmetic of ``plan.boxes.box_offsets`` on the loop counter."""
+    nd = plan.kv_layout.ndim
+    inner = tile_strides(plan.kv_layout)
+    before = [f"f_box = FULL_BOX + {tile} * {nd}", "f_corner = tl.load(f_box)"]
+    before += [f"f_ext{a} = tl.load(f_box + {a})" for a in range(1, nd)]
+    terms, rest = [], "it"
+    for a in range(nd - 1, 0, -1):
+        terms.append(f"({rest} % f_ext{a}) * {inner[a]}")
+        rest = f"({rest} // f_ext{a})"
+    terms.append(f"{rest} * {inner[0]}" if inner[0] != 1 else rest)
+    return before, "f_corner + " + " + ".join(reversed(terms))
+
+
 def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
-              tile: str = "tile") -> str:
-    """The visiting loops over the plan: FULL list, PARTIAL list, then the gather segment."""
+              tile: str = "tile", box: bool = False) -> str:
+    """The visiting loops over the plan: FULL tiles, PARTIAL list, then the gather segment.
+
+    ``box``: the FULL tiles are computed from the plan's box (``TilePlan.full_box``) instead of
+    read from the list.
+    """
+    before, kv_full = (box_tile_lines(plan, tile) if box
+                       else ([], f"tl.load(l_fi + {tile} * full_stride + it)"))
     out = [
         f"n_full = tl.load(l_fc + {tile})",
+        *before,
         "for it in range(n_full):",
-        f"    kv_tile = tl.load(l_fi + {tile} * full_stride + it)",
+        f"    kv_tile = {kv_full}",
         *("    " + x for x in step(plan, "tile", False)),
         f"n_part = tl.load(l_pc + {tile})",
         "for it in range(n_part):",
@@ -285,7 +316,7 @@ def _o_store_tma(layout: TokenLayout) -> str:
 
 
 def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
-               bias: bool = False) -> str:
+               bias: bool = False, box: bool = False, head_major: bool = False) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined).
 
     ``persistent`` wraps the same body in a grid-stride loop over the work items (see
@@ -295,7 +326,8 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
     freed pipeline buffers for it). Compiled for sm_90, that took the 128x128-tile, 8-warp,
     3-stage kernel from 224 KiB to 256 KiB, past the H100's 227 KiB per program (and the
     128x64 4-warp one from 96 to 128 KiB, one program per SM instead of two). ``bias`` adds a
-    per-key bias (key padding) to every tile.
+    per-key bias (key padding) to every tile. ``box``: see ``fwd_loops``; ``head_major``: the
+    item order, see ``LaunchConfig``.
     """
     tma_store = tma and not persistent
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
@@ -308,12 +340,15 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
         q_load=_indent([("q = " + _tma_load(plan.q_layout, "QD", "tile", "h", "H", "BLOCK_M",
                                               "BLOCK_D")) if tma else _Q_LOAD], 4),
         o_store=_indent([_o_store_tma(plan.q_layout) if tma_store else _O_STORE], 4),
-        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias)),
+        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias), box=box),
     )
+    item = "work" if persistent else "pid"
+    order = [x.format(item=item, num_q_tiles=plan.num_q_tiles) for x in _ITEM_ORDER[head_major]]
     if persistent:
-        work = _GRID_STRIDE.format(num_q_tiles=plan.num_q_tiles) + textwrap.indent(body, "    ")
+        work = (_GRID_STRIDE.format(num_q_tiles=plan.num_q_tiles, order=_indent(order, 8))
+                + textwrap.indent(body, "    "))
     else:
-        work = _ONE_ITEM + body
+        work = _ONE_ITEM.format(order=_indent(order, 4)) + body
     return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=work)
 
 
@@ -342,12 +377,22 @@ class LaunchConfig:
     guess, not a measurement: at the 4-warp default (128x64 tiles) two programs fit on an H100
     SM and one can load while the other computes, as the one-item launch does; where only one
     fits (128x128 tiles, 3 stages, head dim 128) the second waits its turn. Measure 1 vs 2.
+
+    ``box_loops``: static plans whose FULL lists are boxes of KV tiles compute each tile from
+    the loop counter (``plan.boxes``) rather than load it from the list.
+
+    ``head_major``: number the work items head by head (Q tiles longest-first within each)
+    instead of rank by rank across all heads. Rank-major spreads the programs in flight over
+    every head, so their K/V working set is every head's; head-major keeps it to one or two
+    heads, which an H100's 50 MB L2 can hold where the other cannot.
     """
 
     num_warps: int
     num_stages: int
     persistent: bool = False
     programs_per_sm: int = 2
+    box_loops: bool = True
+    head_major: bool = True
 
     def __post_init__(self) -> None:
         if self.programs_per_sm < 1:
@@ -365,12 +410,13 @@ def persistent_default() -> bool:
 
 
 def default_config(plan: TilePlan) -> LaunchConfig:
-    """Warps and pipeline stages, from the H100 sweep (benchmarks/data/*-h100-tune.json).
+    """Warps and pipeline stages, from the H100 sweep (benchmarks/data/*-h100-tune.json; with
+    box loops and head-major items, 2026-11-23-s4-h100-loops.json confirms both defaults).
 
     128x64 tiles: 4 warps, 2 stages (blk16k 10.3x; 8 warps 7.6x). 128x128 tiles: 8 warps,
     3 stages (na2d31 5.8x, hunyuan_gna 7.5x; 4 warps 4.1x / 5.6x). Four stages of 128x128 K/V
     tiles overflow shared memory at head dim 128. Persistent only with SPCOMPILE_PERSISTENT=1
-    (not yet measured on a GPU).
+    (measured slower on the H100 in session 3).
     """
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     persistent = persistent_default()
@@ -477,13 +523,16 @@ def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False, bias: bool = False) -> Any:
+def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False, bias: bool = False,
+                box: bool = False, head_major: bool = False) -> Any:
     """The compiled module of a plan, generated once (regenerating and hashing the source on
     every call cost ~0.3 ms of host time per call on the H100 machine). The name says which
     variant; the file's hash covers its source as well."""
-    name = (kernel_name(plan, "fwd") + ("-tma" if tma else "")
-            + ("-persistent" if persistent else "") + ("-keybias" if bias else ""))
-    return load_source(name, fwd_source(plan, tma=tma, persistent=persistent, bias=bias))
+    flags = {"tma": tma, "persistent": persistent, "keybias": bias, "box": box,
+             "headmajor": head_major}
+    name = kernel_name(plan, "fwd") + "".join(f"-{k}" for k, on in flags.items() if on)
+    return load_source(name, fwd_source(plan, tma=tma, persistent=persistent, bias=bias, box=box,
+                                        head_major=head_major))
 
 
 def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, transposed: bool
@@ -524,8 +573,10 @@ def attn_fwd(
     out = torch.empty(b, h, sq, dv, dtype=q.dtype, device=q.device)
     config = config or default_config(plan)
     descriptors = _descriptors(plan, q, k, v, out)
-    module = _fwd_module(plan, bool(descriptors), config.persistent, key_bias is not None)
     t = plan.device_tensors(q.device)
+    box = config.box_loops and lists is None and "full_box" in t
+    module = _fwd_module(plan, bool(descriptors), config.persistent, key_bias is not None, box,
+                         config.head_major)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
@@ -535,7 +586,7 @@ def attn_fwd(
     kbias, s_kbb = key_bias_arg(key_bias, b, skv, scale, q.device)
     module.attn_fwd_kernel[grid](
         q, k, v, out, lse, *tensors, t["schedule"], aux, t.get("gather", t["full_cnt"]), kbias,
-        *descriptors, scale, aux_stride, s_kbb,
+        t["full_box"] if box else t["full_cnt"], *descriptors, scale, aux_stride, s_kbb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), *strides, b * h,

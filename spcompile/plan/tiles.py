@@ -34,6 +34,7 @@ from ..spec.patterns import (
     Sliding,
     TopK,
 )
+from .boxes import box_lists
 from .layout import TokenLayout
 from .states import FULL, PARTIAL, has_rule, tile_states
 
@@ -195,6 +196,12 @@ class TilePlan:
         """For the dK/dV pass: per KV tile, the Q tiles visiting it (full idx/cnt, part idx/cnt)."""
         return _transposed(self)
 
+    @property
+    def full_box(self) -> Tensor | None:
+        """Each Q tile's FULL list as a box of KV tiles (``plan.boxes``), or None when some
+        list is not one."""
+        return _full_box(self)
+
     def device_tensors(self, device: torch.device | str) -> dict[str, Tensor]:
         """The lists on ``device``, cached per device."""
         return _device_tensors(self, str(device))
@@ -207,6 +214,13 @@ def _transposed(plan: TilePlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
+def _full_box(plan: TilePlan) -> Tensor | None:
+    if not plan.pattern.static:  # run-time lists
+        return None
+    return box_lists(plan.full_idx, plan.full_cnt, plan.kv_layout)
+
+
+@functools.lru_cache(maxsize=64)
 def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
     names = ("full_idx", "full_cnt", "part_idx", "part_cnt", "schedule")
     out = {n: getattr(plan, n).to(device) for n in names}
@@ -215,6 +229,8 @@ def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
                t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device))
     if plan.gather is not None:
         out["gather"] = plan.gather.tokens.to(device)
+    if plan.full_box is not None:
+        out["full_box"] = plan.full_box.to(device)
     return out
 
 

@@ -25,17 +25,20 @@ from spcompile.plan.tiles import TilePlan, build_plan
 HEAD_DIM = 128
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
              "AUX": "*i8", "sm_scale": "fp32"}
-_LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER")
+_LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER", "FULL_BOX")
 
 
 def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[str, Any]:
     """The sm_90 build of the TMA forward (bf16, head dim 128): shared bytes and TMA ops."""
+    box = config.box_loops and plan.full_box is not None
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name = kernel_name(plan, "sm90") + ("-persistent" if persistent else "")
-    fn = load_source(name, fwd_source(plan, tma=True, persistent=persistent)).attn_fwd_kernel
+    name = (kernel_name(plan, "sm90") + ("-persistent" if persistent else "")
+            + ("-box" if box else ""))
+    source = fwd_source(plan, tma=True, persistent=persistent, box=box)
+    fn = load_source(name, source).attn_fwd_kernel
     const = {"H": 8, "H_KV": 8, "GROUP": 1, "LIST_GROUP": 1, "HEAD_DIM": HEAD_DIM,
              "HEAD_DIM_V": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_DV": HEAD_DIM,
              "BLOCK_M": plan.q_layout.tile_size, "BLOCK_N": plan.kv_layout.tile_size,
