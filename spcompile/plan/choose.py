@@ -75,19 +75,18 @@ def default_tiles(
 def backward_tiles(
     pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128
 ) -> tuple[TileShape, TileShape]:
-    """(q_tile, kv_tile) for the backward kernels when the caller chose none.
+    """(q_tile, kv_tile) for the backward kernels when the caller chose none: 64-token tiles.
 
-    The backward needs only the forward's output and LSE, so its tiles are its own. N-d boxes
-    of 64 tokens: the dK/dV and dQ loops each hold five tile products, and 128-token boxes run
-    them at 8 warps and one stage. On the H100, na2d31's backward took 2.92 ms at 8x8/8x8, 4
-    warps, 2 stages against 4.63 ms at the forward's 8x16/8x16 (benchmarks/data/
-    2026-11-23-s3-h100-tune-bwd-nd.json); forward+backward over SDPA's went 3.59x -> 4.99x,
-    na3d 2.73x -> 4.40x, hunyuan_gna 5.29x -> 5.61x (2026-11-23-s3-h100-bwd-nd.json). 1-D
-    patterns keep the forward's 128/64: their sweep (2026-11-23-h100-tune-bwd.json) tried
-    launch configs only, so no other 1-D backward tile has been measured.
+    The backward needs only the forward's output and LSE, so its tiles are its own. Its dK/dV
+    and dQ loops each hold five tile products, and 128-token tiles run them at 8 warps and one
+    or two stages; 64-token tiles run at 4 warps, 2 stages. On the H100 (head-major programs,
+    benchmarks/data/2026-11-23-s4-h100-bwd-orders.json), fwd+bwd over SDPA's: sw32k 7.03x at the
+    forward's 128/64 -> 9.60x at 64/64, blk16k 6.21x -> 8.24x; N-d boxes of 64 tokens beat
+    every 128-token pair tried (na2d31 6.11x vs 4.02-4.47x, na3d 5.86x vs 3.24-4.17x,
+    hunyuan_gna 7.20x vs 5.49-5.87x).
     """
     if grid_of(pattern) is None:
-        return default_tiles(pattern, q_len, kv_len, head_dim)
+        return (64,), (64,)
     return best_boxes(pattern, q_len, kv_len, 64, 64)
 
 
