@@ -1,10 +1,13 @@
 """Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
 
-    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent]
+    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops]
 
 ``--persistent``: at each row's default tiles and warps/stages, the one-item forward against the
 persistent one with 1 and 2 programs per SM, in one run (decides LaunchConfig.persistent and
-programs_per_sm).
+programs_per_sm). ``--loops``: the FULL loop reading its list against computing the plan's box,
+and the work items numbered rank-major against head-major (decides LaunchConfig.box_loops and
+head_major), then both at other warps/stages; with ``--bwd``, the backward's program order at
+its default tiles, then its other tile pairs head-major.
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -29,9 +32,9 @@ from run import B, D, H, bench, sampled_error
 from suite import suite
 
 import spcompile as sp
-from spcompile.codegen.bwd import attn_bwd
+from spcompile.codegen.bwd import attn_bwd, bwd_config
 from spcompile.codegen.fwd import LaunchConfig, attn_fwd, default_config, fwd_grid
-from spcompile.plan.choose import best_boxes
+from spcompile.plan.choose import backward_tiles, best_boxes
 from spcompile.plan.tiles import build_plan, grid_of
 from spcompile.plan.topk import block_lists, estimate_blocks
 
@@ -43,16 +46,18 @@ def main() -> None:
     parser.add_argument("--bwd", action="store_true", help="sweep the backward kernels")
     parser.add_argument("--persistent", action="store_true",
                         help="one-item vs persistent forward (1 and 2 programs per SM)")
+    parser.add_argument("--loops", action="store_true",
+                        help="list vs box FULL loops x rank- vs head-major item order")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
-    if args.persistent:
-        tune_persistent(rows, args.out)
+    if args.persistent or (args.loops and not args.bwd):
+        tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
         return
     if any(isinstance(r.pattern, sp.TopK) for r in rows):
         tune_topk([r for r in rows if isinstance(r.pattern, sp.TopK)], args.out)
         return
     if args.bwd:
-        tune_bwd(rows, args.out)
+        (tune_bwd_orders if args.loops else tune_bwd)(rows, args.out)
         return
     sizes = [(128, 128), (128, 64), (64, 64)]
     configs = [LaunchConfig(w, s) for w, s in itertools.product((4, 8), (2, 3, 4))]
@@ -85,12 +90,35 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def tune_persistent(rows, out_path: str) -> None:
-    """The one-item forward and the persistent one (programs per SM 1 and 2) at each row's
-    default tiles and warps/stages, SDPA timed in the same run; each variant's output is checked
-    against sampled float64 rows and against the one-item output. TopK rows run over one fixed
-    selection (estimation excluded: it does not depend on the launch); PerHead rows are skipped
-    (sparse_attention launches them and takes no LaunchConfig)."""
+def persistent_variants(plan) -> list[tuple[str, LaunchConfig]]:
+    """The one-item forward and the persistent one with 1 and 2 programs per SM."""
+    one_item = dataclasses.replace(default_config(plan), persistent=False)
+    return [("one-item", one_item)] + [
+        (f"persistent-{n}", dataclasses.replace(one_item, persistent=True, programs_per_sm=n))
+        for n in (1, 2)]
+
+
+def loop_variants(plan) -> list[tuple[str, LaunchConfig]]:
+    """FULL tiles read from the list vs computed from the plan's box, items numbered rank-major
+    vs head-major, at the default warps/stages; then box + head-major at the neighbouring
+    warps/stages (a config may win only with them)."""
+    base = dataclasses.replace(default_config(plan), box_loops=True, head_major=True)
+    out = [(f"{loop}-{order}", dataclasses.replace(base, box_loops=loop == "box",
+                                                  head_major=order == "head"))
+           for loop in ("list", "box") for order in ("rank", "head")]
+    for w, st in ((4, 2), (4, 3), (8, 2), (8, 3)):
+        if (w, st) != (base.num_warps, base.num_stages):
+            out.append((f"box-head-{w}w{st}s",
+                        dataclasses.replace(base, num_warps=w, num_stages=st)))
+    return out
+
+
+def tune_variants(rows, make_variants, out_path: str) -> None:
+    """Launch variants of the forward at each row's default tiles, SDPA timed in the same run;
+    each variant's output is checked against sampled float64 rows and against the first
+    variant's output. TopK rows run over one fixed selection (estimation excluded: it does not
+    depend on the launch); PerHead rows are skipped (sparse_attention launches them and takes
+    no LaunchConfig)."""
     results = []
     for row in rows:
         if isinstance(row.pattern, sp.PerHead):
@@ -103,12 +131,8 @@ def tune_persistent(rows, out_path: str) -> None:
         lists = None
         if isinstance(row.pattern, sp.TopK):
             lists = block_lists(row.pattern, estimate_blocks(row.pattern, q, k), s, H)
-        one_item = dataclasses.replace(default_config(plan), persistent=False)
-        variants = [("one-item", one_item)] + [
-            (f"persistent-{n}", dataclasses.replace(one_item, persistent=True,
-                                                    programs_per_sm=n)) for n in (1, 2)]
         base_out, base_ms = None, None
-        for name, cfg in variants:
+        for name, cfg in make_variants(plan):
             try:
                 out, _ = attn_fwd(q, k, v, plan, config=cfg, lists=lists)
                 ms = bench(functools.partial(attn_fwd, q, k, v, plan, config=cfg, lists=lists))
@@ -119,10 +143,13 @@ def tune_persistent(rows, out_path: str) -> None:
                 base_out, base_ms = out, ms
             res = {"id": row.id, "variant": name, "q": plan.q_tile, "kv": plan.kv_tile,
                    "warps": cfg.num_warps, "stages": cfg.num_stages,
+                   "persistent": cfg.persistent, "box_loops": cfg.box_loops,
+                   "head_major": cfg.head_major,
                    "programs": fwd_grid(plan, B * H, cfg, q.device),
                    "items": plan.num_q_tiles * B * H, "err": sampled_error(row, q, k, v, out),
                    "max_diff_vs_first": float((out.float() - base_out.float()).abs().max()),
-                   "ms": ms, "speedup": sdpa / ms, "vs_first": base_ms / ms}
+                   "ms": ms, "speedup": sdpa / ms, "vs_first": base_ms / ms,
+                   "tile_bound": plan.tile_bound, "of_tile_bound": sdpa / ms / plan.tile_bound}
             results.append(res)
             print(json.dumps(res), flush=True)
         print("SUMMARY", row.id, "speedup over SDPA:", ", ".join(
@@ -206,6 +233,60 @@ def tune_bwd(rows, out_path: str) -> None:
             print(json.dumps(res), flush=True)
         best = max((r for r in results if r["id"] == row.id), key=lambda r: r["fb_speedup"])
         print("BEST", json.dumps(best), flush=True)
+    if out_path:
+        Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def tune_bwd_orders(rows, out_path: str) -> None:
+    """The backward at its default tiles (``choose.backward_tiles``) with programs numbered
+    tile-major vs head-major; then, head-major, the other tile pairs (1-D rows' backward tiles
+    had never been swept). Gradients checked against the first variant's; fwd+bwd over SDPA's
+    fwd+bwd in the same run."""
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+        def sdpa_fb(qg=qg, kg=kg, vg=vg, do=do):
+            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
+
+        sdpa = bench(sdpa_fb)
+        fwd_plan = build_plan(row.pattern, s, s)
+        out, lse = attn_fwd(q, k, v, fwd_plan)
+        fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+        default = backward_tiles(row.pattern, s, s)
+        pairs = [(128, 64), (64, 128), (128, 128), (64, 64)]
+        variants = [(default, False), (default, True)]
+        for mq, mk in pairs:
+            tiles = (((mq,), (mk,)) if grid_of(row.pattern) is None
+                     else best_boxes(row.pattern, s, s, mq, mk))
+            if tiles != default:
+                variants.append((tiles, True))
+        ref = None
+        for (qt, kt), head_major in variants:
+            plan = build_plan(row.pattern, s, s, qt, kt)
+            cfg = dataclasses.replace(bwd_config(plan.q_layout.tile_size,
+                                                 plan.kv_layout.tile_size),
+                                      head_major=head_major)
+            try:
+                grads = attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
+                ms = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
+            except Exception as e:
+                print(row.id, qt, kt, head_major, "ERROR", type(e).__name__, str(e)[:100])
+                continue
+            ref = grads if ref is None else ref
+            err = max(float((a.float() - b.float()).norm() / b.float().norm())
+                      for a, b in zip(grads, ref, strict=True))
+            res = {"id": row.id, "q": qt, "kv": kt, "head_major": head_major,
+                   "warps": cfg.num_warps, "stages": cfg.num_stages, "bwd_ms": ms,
+                   "fwd_ms": fwd_ms, "fb_speedup": sdpa / (fwd_ms + ms), "agreement": err}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        print("SUMMARY", row.id, "fwd+bwd over SDPA:", ", ".join(
+            f"{r['q']}/{r['kv']} {'head' if r['head_major'] else 'tile'} {r['fb_speedup']:.2f}x"
+            for r in results if r["id"] == row.id), flush=True)
     if out_path:
         Path(out_path).write_text(json.dumps(results, indent=1))
 
