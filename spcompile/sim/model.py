@@ -2,9 +2,14 @@
 
 In the spirit of the GNA paper's simulator (Hassani et al., 2025: cost the tiles a kernel
 visits, not the FLOPs a pattern allows), but of *our* kernel (``codegen.fwd``): one program
-per (Q tile, batch x head), numbered rank-major over the longest-first schedule, each running a
-loop over its FULL tiles (no mask) and one over its PARTIAL tiles (mask), then the plan's
-gathered tiles. With D the padded head dim and one SM to itself, a program takes
+per (Q tile, batch x head), numbered head-major with each head's Q tiles longest-first, each
+running a loop over its FULL tiles (no mask) and one over its PARTIAL tiles (mask), then the
+plan's gathered tiles. The schedule below dispatches the same programs rank-major (all heads'
+longest tiles first): both orders end on the shortest tiles, and rank-major keeps the
+simulation to one greedy fill per distinct tile count. The memory floor assumes what the
+head-major order makes true on an H100: the programs in flight share one head's K/V in L2.
+
+With D the padded head dim and one SM to itself, a program takes
 
     t_program = q_tile_overhead + n_full * t_full + n_partial * t_partial
     t_full    = 4 Tq Tk D / (peak / num_SMs * efficiency[launch]) + permute * Tk
