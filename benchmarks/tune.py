@@ -190,6 +190,23 @@ def tune_topk(rows, out_path: str) -> None:
         Path(out_path).write_text(json.dumps(results, indent=1))
 
 
+def _backward_inputs(row):
+    """Fresh q, k, v, dO; our forward's out and LSE at the default tiles; SDPA's fwd+bwd time
+    and our forward's time, both from this run; and the forward's plan."""
+    s = row.seq_len
+    q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+    def sdpa_fb():
+        F.scaled_dot_product_attention(qg, kg, vg).backward(do)
+
+    sdpa = bench(sdpa_fb)
+    fwd_plan = build_plan(row.pattern, s, s)
+    out, lse = attn_fwd(q, k, v, fwd_plan)
+    fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+    return q, k, v, do, out, lse, sdpa, fwd_ms, fwd_plan
+
+
 def tune_bwd(rows, out_path: str) -> None:
     """Backward tiles and launch configs: SDPA fwd+bwd over ours (forward at its default tiles),
     same run. The backward may use other tiles than the forward: it needs only the forward's
@@ -197,17 +214,7 @@ def tune_bwd(rows, out_path: str) -> None:
     results = []
     for row in rows:
         s = row.seq_len
-        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(4))
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-
-        def sdpa_fb(qg=qg, kg=kg, vg=vg, do=do):
-            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
-
-        sdpa = bench(sdpa_fb)
-        fwd_plan = build_plan(row.pattern, s, s)
-        out, lse = attn_fwd(q, k, v, fwd_plan)
-        fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+        q, k, v, do, out, lse, sdpa, fwd_ms, fwd_plan = _backward_inputs(row)
         ref = None  # the first config's gradients: every other config must agree with them
         for (mq, mk), warps, stages in itertools.product(
                 [(128, 64), (64, 128), (128, 128), (64, 64)], (4, 8), (1, 2, 3)):
@@ -245,17 +252,7 @@ def tune_bwd_orders(rows, out_path: str) -> None:
     results = []
     for row in rows:
         s = row.seq_len
-        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(4))
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-
-        def sdpa_fb(qg=qg, kg=kg, vg=vg, do=do):
-            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
-
-        sdpa = bench(sdpa_fb)
-        fwd_plan = build_plan(row.pattern, s, s)
-        out, lse = attn_fwd(q, k, v, fwd_plan)
-        fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+        q, k, v, do, out, lse, sdpa, fwd_ms, _ = _backward_inputs(row)
         default = backward_tiles(row.pattern, s, s)
         pairs = [(128, 64), (64, 128), (128, 128), (64, 64)]
         variants = [(default, False), (default, True)]
