@@ -25,6 +25,7 @@ from ..plan.tiles import TilePlan
 from .cache import load_source
 from .emit import layout_code
 from .fwd import (
+    KEY_BIAS_LOAD,
     OFFSETS,
     LaunchConfig,
     _indent,
@@ -32,6 +33,7 @@ from .fwd import (
     aux_tensor,
     check_tiles,
     fwd_loops,
+    item_split,
     kernel_name,
     key_bias_arg,
     key_bias_lines,
@@ -218,30 +220,18 @@ def _dq_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) -> l
     return lines
 
 
-def _program_order(tile: str, heads: str, num_tiles: int, head_major: bool) -> str:
-    """Lines splitting ``pid`` into (``tile``, ``heads``): tile-major, or head-major so that the
-    programs in flight share a head's tensors in L2 (see ``LaunchConfig.head_major``)."""
-    if head_major:
-        lines = [f"{heads} = pid // {num_tiles}", f"{tile} = pid % {num_tiles}"]
-    else:
-        upper = heads.upper()
-        lines = [f"{tile} = pid // {upper}", f"{heads} = pid % {upper}"]
-    return _indent(lines, 4)
-
-
 def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool, head_major: bool) -> str:
     # Gathered programs write their own buffer, row = slot in the gather segment.
     store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
     num_tiles = plan.gather.num_tiles if source == "gather" else plan.num_kv_tiles
     return _DKDV.format(
-        order=_program_order("kv_tile", "bhk", num_tiles, head_major),
+        order=_indent(item_split("pid", "kv_tile", "bhk", "BHK", num_tiles, head_major), 4),
         offsets=OFFSETS,
         name=name,
         store_row=store_row,
         k_layout=_indent(kv_source_lines(plan, source), 4),
         k_2d=_indent(_to_2d("k", plan.kv_layout.ndim, "[:, None]"), 4),
-        k_bias=_indent(["kb = tl.load(KBIAS + b.to(tl.int64) * s_kbb + k_col, mask=k_col_ok,"
-                        " other=float('-inf'))"] if bias else [], 4),
+        k_bias=_indent([KEY_BIAS_LOAD] if bias else [], 4),
         loops=_dkdv_loops(plan, source, bias),
     )
 
@@ -251,7 +241,7 @@ def bwd_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> 
     recomputed score, ``head_major`` numbers the programs head by head."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
     dq = _DQ.format(
-        order=_program_order("tile", "bh", plan.num_q_tiles, head_major),
+        order=_indent(item_split("pid", "tile", "bh", "BH", plan.num_q_tiles, head_major), 4),
         offsets=OFFSETS,
         lists=_indent(list_pointers(plan, "H"), 4),
         q_layout=_indent(q_layout, 4),

@@ -68,19 +68,11 @@ OFFSETS = """\
 
 # How a program picks its work items (Q tile rank, batch x head). Default: one item per
 # program, the grid is every item and the hardware hands the next one to whichever SM frees up
-# first. ``_ITEM_ORDER`` numbers the items (see ``LaunchConfig.head_major``).
+# first. ``item_split`` numbers the items (see ``LaunchConfig.head_major``).
 _ONE_ITEM = '''\
     pid = tl.program_id(0)
 {order}
 '''
-
-_ITEM_ORDER = {
-    # Rank-major: every head's longest tiles in the first wave, the short ones in the tail.
-    False: ("rank = {item} // BH", "bh = {item} % BH"),
-    # Head-major: the programs in flight share a head (and its K/V in L2), longest-first
-    # within it.
-    True: ("bh = {item} // {num_q_tiles}", "rank = {item} % {num_q_tiles}"),
-}
 
 # Persistent: a grid of about one wave of programs, each striding over the items in the same
 # order; ``_BODY`` runs indented one level deeper inside the loop. Program p takes items p,
@@ -168,12 +160,15 @@ def step_mask(plan: TilePlan, source: str, masked: bool) -> str | None:
     return f"({mask_expr(plan.list_pattern)})" if masked else None
 
 
+# This tile's per-key bias: KBIAS holds bias / scale, -inf for a blocked key.
+KEY_BIAS_LOAD = ("kb = tl.load(KBIAS + b.to(tl.int64) * s_kbb + k_col, mask=k_col_ok,"
+                 " other=float('-inf'))")
+
+
 def key_bias_lines(axis: str) -> list[str]:
-    """Add this tile's per-key bias (KBIAS holds bias / scale, -inf for a blocked key) to the
-    scores ``qk``; ``axis`` is "[None, :]" for [M, N] scores, "[:, None]" for transposed ones."""
-    return ["kb = tl.load(KBIAS + b.to(tl.int64) * s_kbb + k_col, mask=k_col_ok,"
-            " other=float('-inf'))",
-            f"qk = qk + kb{axis}"]
+    """Add this tile's per-key bias to the scores ``qk``; ``axis`` is "[None, :]" for [M, N]
+    scores, "[:, None]" for transposed ones."""
+    return [KEY_BIAS_LOAD, f"qk = qk + kb{axis}"]
 
 
 def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False,
@@ -227,6 +222,16 @@ def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False,
         "m_i = m_new",
     ]
     return lines
+
+
+def item_split(item: str, tile: str, heads: str, num_heads: str, num_tiles: int,
+               head_major: bool) -> list[str]:
+    """Lines splitting work item ``item`` into its tile (``tile``) and its batch x head
+    (``heads``, ``num_heads`` of them). Tile-major: every head's first tile in the first wave.
+    Head-major: the programs in flight share a head (and its tensors in L2)."""
+    if head_major:
+        return [f"{heads} = {item} // {num_tiles}", f"{tile} = {item} % {num_tiles}"]
+    return [f"{tile} = {item} // {num_heads}", f"{heads} = {item} % {num_heads}"]
 
 
 def list_pointers(plan: TilePlan, heads: str) -> list[str]:
@@ -342,8 +347,8 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
         o_store=_indent([_o_store_tma(plan.q_layout) if tma_store else _O_STORE], 4),
         loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias), box=box),
     )
-    item = "work" if persistent else "pid"
-    order = [x.format(item=item, num_q_tiles=plan.num_q_tiles) for x in _ITEM_ORDER[head_major]]
+    order = item_split("work" if persistent else "pid", "rank", "bh", "BH", plan.num_q_tiles,
+                       head_major)
     if persistent:
         work = (_GRID_STRIDE.format(num_q_tiles=plan.num_q_tiles, order=_indent(order, 8))
                 + textwrap.indent(body, "    "))
@@ -352,12 +357,19 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
     return _TEMPLATE.format(desc_args=" QD, KD, VD, OD," if tma else "", work=work)
 
 
+@functools.lru_cache(maxsize=16)
+def _no_key_bias(device: str) -> Tensor:
+    """The KBIAS placeholder of launches without a bias (never read), one per device: no
+    allocation on every call."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def key_bias_arg(key_bias: Tensor | None, batch: int, kv_len: int, scale: float,
                  device: torch.device) -> tuple[Tensor, int]:
     """(KBIAS, its batch stride) for a launch: the bias over the scale in fp32 (the kernels add
     it to raw q.k), batch-broadcast by a stride of 0; a placeholder when there is none."""
     if key_bias is None:
-        return torch.empty(1, dtype=torch.float32, device=device), 0
+        return _no_key_bias(str(device)), 0
     kb = (key_bias.to(device, torch.float32) / scale).reshape(-1, kv_len).contiguous()
     if kb.shape[0] not in (1, batch):
         raise ValueError(f"key_bias: expected [{batch} or 1, {kv_len}], got {tuple(kb.shape)}")
@@ -574,7 +586,7 @@ def attn_fwd(
     config = config or default_config(plan)
     descriptors = _descriptors(plan, q, k, v, out)
     t = plan.device_tensors(q.device)
-    box = config.box_loops and lists is None and "full_box" in t
+    box = config.box_loops and "full_box" in t  # only static plans have boxes
     module = _fwd_module(plan, bool(descriptors), config.persistent, key_bias is not None, box,
                          config.head_major)
     aux, aux_stride = aux_tensor(plan, str(q.device))
