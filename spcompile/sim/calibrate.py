@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..codegen.fwd import LaunchConfig
 from ..plan.tiles import TilePlan, build_plan
 from ..spec.patterns import Pattern, TopK, pattern_from_dict
 from .hardware import KernelCoefficients, LaunchKey, Profile, dtype_name
@@ -212,9 +213,10 @@ def load_results(
     return out, skipped
 
 
-#: What the forward runs by default (``codegen.fwd.LaunchConfig``), per flag a results row may
-#: record; the model costs this kernel only.
-DEFAULT_KERNEL = {"persistent": False, "box_loops": True, "head_major": True}
+#: What the forward runs by default, per flag a results row may record (the defaults of
+#: ``codegen.fwd.LaunchConfig``); the model costs this kernel only.
+DEFAULT_KERNEL = {f.name: f.default for f in dataclasses.fields(LaunchConfig)
+                  if f.name in ("persistent", "box_loops", "head_major")}
 
 
 def _other_kernel(row: dict[str, Any]) -> str:
@@ -546,7 +548,8 @@ class TopKMeasurement:
 def load_topk_results(paths: Iterable[str | Path], suite: str | Path
                       ) -> list[TopKMeasurement]:
     """TopK rows of result files: ``benchmarks/run.py`` rows (``kernel_ms``, ``estimation_ms``,
-    ``lists_ms``, at the default launch) and ``tune.py`` TopK rows (``fwd_ms`` per launch)."""
+    ``lists_ms``, at the default launch) and ``tune.py`` TopK rows (``fwd_ms`` per launch);
+    rows of another kernel variant (``_other_kernel``) are left out, as ``load_results`` does."""
     from .simulate import _topk_key
 
     known = load_suite(suite)
@@ -557,7 +560,8 @@ def load_topk_results(paths: Iterable[str | Path], suite: str | Path
         for row in _rows(tree, path):
             pattern, seq_len = known.get(str(row.get("id")), (None, 0))
             ms = _first(row, "kernel_ms", "fwd_ms")
-            if not isinstance(pattern, TopK) or ms is None or "error" in row:
+            if (not isinstance(pattern, TopK) or ms is None or "error" in row
+                    or _other_kernel(row)):
                 continue
             warps, stages = row.get("warps"), row.get("stages")
             if warps is None or stages is None:
