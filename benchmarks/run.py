@@ -3,8 +3,10 @@
     python benchmarks/run.py [--rows sw16k,na2d31] [--bwd] [--out results.json]
 
 Correctness: on fresh random inputs, 64 sampled query rows of every head are compared with a
-float64 masked softmax over all keys (no S x S mask is built). Timing: triton.testing.do_bench
-medians, all in one process; speedup = SDPA time / our time, both measured in this run.
+float64 masked softmax over all keys (no S x S mask is built). Timing: SDPA and our forward in
+three alternating rounds (``spcompile.timing.interleaved_ms``: do_bench medians of at least 5
+runs each), all in one process; each is the median of its rounds, and speedup = SDPA time / our
+time, both measured in this run (the rounds are recorded).
 FlexAttention uses a compiled flex_attention and a block mask built once outside the timed
 region (row-major tokens, as its users would write it).
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
 from suite import Row, held_out, suite
@@ -32,6 +34,7 @@ from spcompile.codegen.fwd import attn_fwd
 from spcompile.plan.tiles import allowed_pairs, build_plan
 from spcompile.plan.topk import block_lists, estimate_blocks, selected_pairs
 from spcompile.sim import simulate
+from spcompile.timing import interleaved_ms, median_ms
 
 B, H, D = 1, 24, 128
 
@@ -144,8 +147,7 @@ def flex_fn(row: Row, q, k, v):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
-def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+bench = median_ms
 
 
 def ours_fn(row: Row, q, k, v):
@@ -189,9 +191,11 @@ def run_row(row: Row, args) -> dict:
         if row.structured:
             qs, ks = structured_qk(s)
             res["kept_mass_structured"] = kept_mass(row, qs, ks, v)
-    sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-    ours_ms = bench(fn)
-    res.update(sdpa_ms=sdpa_ms, ours_ms=ours_ms, speedup=sdpa_ms / ours_ms)
+    rounds = interleaved_ms({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                             "ours": fn})
+    sdpa_ms, ours_ms = (statistics.median(rounds[name]) for name in ("sdpa", "ours"))
+    res.update(sdpa_ms=sdpa_ms, ours_ms=ours_ms, speedup=sdpa_ms / ours_ms,
+               sdpa_rounds_ms=rounds["sdpa"], ours_rounds_ms=rounds["ours"])
     res["prediction_error"] = res["predicted_speedup"] / res["speedup"] - 1
     dense_flops = 4 * B * H * s * s * D
     res["sdpa_tflops"] = dense_flops / sdpa_ms / 1e9
@@ -214,8 +218,8 @@ def run_row(row: Row, args) -> dict:
         def ours_fb():
             sp.sparse_attention(qg, kg, vg, row.pattern).backward(do)
 
-        res["sdpa_fb_ms"] = bench(sdpa_fb)
-        res["ours_fb_ms"] = bench(ours_fb)
+        fb = interleaved_ms({"sdpa": sdpa_fb, "ours": ours_fb})
+        res["sdpa_fb_ms"], res["ours_fb_ms"] = (statistics.median(fb[n]) for n in ("sdpa", "ours"))
         # Memory above the inputs, outputs and gradients that any attention needs: O(S^2) would
         # show here (an S x S bool mask at 128k tokens is 16 GiB).
         qg.grad = kg.grad = vg.grad = None

@@ -70,18 +70,16 @@ def predict(say: Print, device_name: str, grid: tuple[int, int], window: int, he
 def measure(say: Print, grid: tuple[int, int], window: int) -> None:
     """Step 5, bf16 at a grid where attention matters: attention alone (SDPA vs our op on the
     same q, k, v), then the whole compiled model against the dense compiled model."""
-    from triton.testing import do_bench
-
     from ..attention import sparse_attention
+    from ..timing import median_ms
 
     torch.manual_seed(0)
     n, heads, head_dim = grid[0] * grid[1], 12, 64
     q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     pattern = Neighborhood(shape=grid, window=window)
-    t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                      return_mode="median")
-    t_ours = do_bench(lambda: sparse_attention(q, k, v, pattern), return_mode="median")
+    t_sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    t_ours = median_ms(lambda: sparse_attention(q, k, v, pattern))
     say(f"\nmeasured on {torch.cuda.get_device_name()}, attention alone ({heads} heads, "
         f"{n} tokens, head dim {head_dim}): SDPA {t_sdpa:.3f} ms, spcompile {t_ours:.3f} ms "
         f"-> {t_sdpa / t_ours:.2f}x")
@@ -93,8 +91,8 @@ def measure(say: Print, grid: tuple[int, int], window: int) -> None:
     with torch.no_grad():
         dense(images)
         sparse(images)
-        t_dense = do_bench(lambda: dense(images), return_mode="median")
-        t_sparse = do_bench(lambda: sparse(images), return_mode="median")
+        t_dense = median_ms(lambda: dense(images))
+        t_sparse = median_ms(lambda: sparse(images))
     say(f"whole ViT (2 blocks, MLPs included): dense {t_dense:.2f} ms, spcompile "
         f"{t_sparse:.2f} ms -> {t_dense / t_sparse:.2f}x")
 

@@ -18,16 +18,15 @@ import torch
 
 from ..plan.tiles import build_plan
 from ..spec.patterns import Pattern
+from ..timing import median_ms
 from .hardware import KernelCoefficients, Profile
 
 __all__ = ["calibration_suite", "measure_gpu", "profile_from_measurements"]
 
 
 def _bench(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` on the GPU (triton's do_bench, as the benchmarks use)."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    """Median milliseconds of ``fn`` on the GPU, timed as the benchmarks time it."""
+    return median_ms(fn)
 
 
 #: The kernel rows ``measure_gpu`` times. Each launch configuration the kernel uses by default

@@ -1,0 +1,33 @@
+"""spcompile.timing on a GPU: a kernel of known length is timed at that length, and the rounds
+of ``interleaved_ms`` keep their order and count (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from spcompile.timing import interleaved_ms, median_ms
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _sleep_ms(cycles: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def test_median_ms_times_a_kernel_of_known_length():
+    cycles = 20_000_000  # ~10 ms at the H100's clock
+    expected = min(_sleep_ms(cycles) for _ in range(3))
+    got = median_ms(lambda: torch.cuda._sleep(cycles), min_reps=5)
+    assert 0.9 * expected < got < 1.2 * expected
+
+
+def test_interleaved_ms_rounds():
+    rounds = interleaved_ms({"short": lambda: torch.cuda._sleep(1_000_000),
+                             "long": lambda: torch.cuda._sleep(4_000_000)}, rounds=2)
+    assert list(rounds) == ["short", "long"]
+    assert all(len(v) == 2 for v in rounds.values())
+    assert min(rounds["long"]) > 2 * max(rounds["short"])
