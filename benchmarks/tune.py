@@ -1,13 +1,15 @@
 """Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
 
-    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops]
+    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops | --rescale]
 
 ``--persistent``: at each row's default tiles and warps/stages, the one-item forward against the
 persistent one with 1 and 2 programs per SM, in one run (decides LaunchConfig.persistent and
 programs_per_sm). ``--loops``: the FULL loop reading its list against computing the plan's box,
 and the work items numbered rank-major against head-major (decides LaunchConfig.box_loops and
 head_major), then both at other warps/stages; with ``--bwd``, the backward's program order at
-its default tiles, then its other tile pairs head-major.
+its default tiles, then its other tile pairs head-major. ``--rescale``: exact against lazy
+rescaling of FULL tiles (decides LaunchConfig.lazy_rescale), at the default launch and at 8
+warps / 3 stages, and for N-d grids on 64-token KV boxes too.
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -21,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,8 +38,9 @@ import spcompile as sp
 from spcompile.codegen.bwd import attn_bwd, bwd_config
 from spcompile.codegen.fwd import LaunchConfig, attn_fwd, default_config, fwd_grid
 from spcompile.plan.choose import backward_tiles, best_boxes
-from spcompile.plan.tiles import build_plan, grid_of
+from spcompile.plan.tiles import TilePlan, build_plan, grid_of
 from spcompile.plan.topk import block_lists, estimate_blocks
+from spcompile.timing import interleaved_ms
 
 
 def main() -> None:
@@ -48,10 +52,18 @@ def main() -> None:
                         help="one-item vs persistent forward (1 and 2 programs per SM)")
     parser.add_argument("--loops", action="store_true",
                         help="list vs box FULL loops x rank- vs head-major item order")
+    parser.add_argument("--rescale", action="store_true",
+                        help="exact vs lazy rescaling of FULL tiles")
+    parser.add_argument("--sizes", default="128x128,128x64,64x64",
+                        help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
+    parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
+                        help="tile sweep: warps and stages, comma-separated")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
-    if args.persistent or (args.loops and not args.bwd):
-        tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
+    if args.persistent or args.rescale or (args.loops and not args.bwd):
+        make = (persistent_variants if args.persistent
+                else rescale_variants if args.rescale else loop_variants)
+        tune_variants(rows, make, args.out)
         return
     if any(isinstance(r.pattern, sp.TopK) for r in rows):
         tune_topk([r for r in rows if isinstance(r.pattern, sp.TopK)], args.out)
@@ -59,8 +71,9 @@ def main() -> None:
     if args.bwd:
         (tune_bwd_orders if args.loops else tune_bwd)(rows, args.out)
         return
-    sizes = [(128, 128), (128, 64), (64, 64)]
-    configs = [LaunchConfig(w, s) for w, s in itertools.product((4, 8), (2, 3, 4))]
+    sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+    configs = [LaunchConfig(int(w), int(st))
+               for w, st in (c.rstrip("s").split("w") for c in args.configs.split(","))]
     results = []
     for row in rows:
         s = row.seq_len
@@ -90,33 +103,52 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def persistent_variants(plan) -> list[tuple[str, LaunchConfig]]:
+Variant = tuple[str, TilePlan, LaunchConfig]
+
+
+def persistent_variants(plan: TilePlan) -> list[Variant]:
     """The one-item forward and the persistent one with 1 and 2 programs per SM."""
     one_item = dataclasses.replace(default_config(plan), persistent=False)
-    return [("one-item", one_item)] + [
-        (f"persistent-{n}", dataclasses.replace(one_item, persistent=True, programs_per_sm=n))
-        for n in (1, 2)]
+    return [("one-item", plan, one_item)] + [
+        (f"persistent-{n}", plan,
+         dataclasses.replace(one_item, persistent=True, programs_per_sm=n)) for n in (1, 2)]
 
 
-def loop_variants(plan) -> list[tuple[str, LaunchConfig]]:
+def rescale_variants(plan: TilePlan) -> list[Variant]:
+    """Exact and lazy rescaling at the default launch, at 8 warps / 3 stages, and for N-d
+    grids on the best 128/64-token boxes at 8 warps / 3 stages."""
+    plans = [("", plan, default_config(plan))]
+    plans.append(("-8w3s", plan, dataclasses.replace(default_config(plan), num_warps=8,
+                                                      num_stages=3)))
+    if plan.q_layout.ndim > 1:
+        qt, kt = best_boxes(plan.pattern, plan.q_len, plan.kv_len, 128, 64)
+        other = build_plan(plan.pattern, plan.q_len, plan.kv_len, qt, kt)
+        plans.append(("-kv64-8w3s", other, LaunchConfig(8, 3)))
+    return [(f"{'lazy' if lazy else 'exact'}{name}", p,
+             dataclasses.replace(cfg, lazy_rescale=lazy))
+            for name, p, cfg in plans for lazy in (False, True)]
+
+
+def loop_variants(plan: TilePlan) -> list[Variant]:
     """FULL tiles read from the list vs computed from the plan's box, items numbered rank-major
     vs head-major, at the default warps/stages; then box + head-major at the neighbouring
     warps/stages (a config may win only with them)."""
     base = dataclasses.replace(default_config(plan), box_loops=True, head_major=True)
-    out = [(f"{loop}-{order}", dataclasses.replace(base, box_loops=loop == "box",
-                                                  head_major=order == "head"))
+    out = [(f"{loop}-{order}", plan, dataclasses.replace(base, box_loops=loop == "box",
+                                                        head_major=order == "head"))
            for loop in ("list", "box") for order in ("rank", "head")]
     for w, st in ((4, 2), (4, 3), (8, 2), (8, 3)):
         if (w, st) != (base.num_warps, base.num_stages):
-            out.append((f"box-head-{w}w{st}s",
+            out.append((f"box-head-{w}w{st}s", plan,
                         dataclasses.replace(base, num_warps=w, num_stages=st)))
     return out
 
 
 def tune_variants(rows, make_variants, out_path: str) -> None:
-    """Launch variants of the forward at each row's default tiles, SDPA timed in the same run;
-    each variant's output is checked against sampled float64 rows and against the first
-    variant's output. TopK rows run over one fixed selection (estimation excluded: it does not
+    """Launch variants of the forward (most at each row's default tiles) and SDPA, timed in two
+    alternating rounds (``interleaved_ms``: a clock drift over the run falls on every variant
+    alike). Each variant's output is checked against sampled float64 rows and against the
+    first variant's. TopK rows run over one fixed selection (estimation excluded: it does not
     depend on the launch); PerHead rows are skipped (sparse_attention launches them and takes
     no LaunchConfig)."""
     results = []
@@ -126,30 +158,39 @@ def tune_variants(rows, make_variants, out_path: str) -> None:
             continue
         s = row.seq_len
         q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-        plan = build_plan(row.pattern, s, s)
+        default_plan = build_plan(row.pattern, s, s)
         lists = None
         if isinstance(row.pattern, sp.TopK):
             lists = block_lists(row.pattern, estimate_blocks(row.pattern, q, k), s, H)
-        base_out, base_ms = None, None
-        for name, cfg in make_variants(plan):
+        fns = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)}
+        checked, base_out = {}, None
+        for name, plan, cfg in make_variants(default_plan):
+            fn = functools.partial(attn_fwd, q, k, v, plan, config=cfg, lists=lists)
             try:
-                out, _ = attn_fwd(q, k, v, plan, config=cfg, lists=lists)
-                ms = bench(functools.partial(attn_fwd, q, k, v, plan, config=cfg, lists=lists))
+                out, _ = fn()
             except Exception as e:
                 print(row.id, name, "ERROR", type(e).__name__, str(e)[:200], flush=True)
                 continue
-            if base_out is None:
-                base_out, base_ms = out, ms
+            base_out = out if base_out is None else base_out
+            checked[name] = (plan, cfg, sampled_error(row, q, k, v, out),
+                             float((out.float() - base_out.float()).abs().max()))
+            fns[name] = fn
+        rounds = interleaved_ms(fns, rounds=2)
+        sdpa = statistics.median(rounds["sdpa"])
+        base_ms = None
+        for name, (plan, cfg, err, diff) in checked.items():
+            ms = statistics.median(rounds[name])
+            base_ms = base_ms or ms
             res = {"id": row.id, "variant": name, "q": plan.q_tile, "kv": plan.kv_tile,
                    "warps": cfg.num_warps, "stages": cfg.num_stages,
                    "persistent": cfg.persistent, "box_loops": cfg.box_loops,
-                   "head_major": cfg.head_major,
+                   "head_major": cfg.head_major, "lazy_rescale": cfg.lazy_rescale,
                    "programs": fwd_grid(plan, B * H, cfg, q.device),
-                   "items": plan.num_q_tiles * B * H, "err": sampled_error(row, q, k, v, out),
-                   "max_diff_vs_first": float((out.float() - base_out.float()).abs().max()),
-                   "ms": ms, "speedup": sdpa / ms, "vs_first": base_ms / ms,
-                   "tile_bound": plan.tile_bound, "of_tile_bound": sdpa / ms / plan.tile_bound}
+                   "items": plan.num_q_tiles * B * H, "err": err, "max_diff_vs_first": diff,
+                   "ms": ms, "rounds_ms": rounds[name], "sdpa_ms": sdpa,
+                   "sdpa_rounds_ms": rounds["sdpa"], "speedup": sdpa / ms,
+                   "vs_first": base_ms / ms, "tile_bound": plan.tile_bound,
+                   "of_tile_bound": sdpa / ms / plan.tile_bound}
             results.append(res)
             print(json.dumps(res), flush=True)
         print("SUMMARY", row.id, "speedup over SDPA:", ", ".join(
