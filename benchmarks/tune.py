@@ -1,15 +1,13 @@
 """Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
 
-    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops | --rescale]
+    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops]
 
 ``--persistent``: at each row's default tiles and warps/stages, the one-item forward against the
 persistent one with 1 and 2 programs per SM, in one run (decides LaunchConfig.persistent and
 programs_per_sm). ``--loops``: the FULL loop reading its list against computing the plan's box,
 and the work items numbered rank-major against head-major (decides LaunchConfig.box_loops and
 head_major), then both at other warps/stages; with ``--bwd``, the backward's program order at
-its default tiles, then its other tile pairs head-major. ``--rescale``: exact against lazy
-rescaling of FULL tiles (decides LaunchConfig.lazy_rescale), at the default launch and at 8
-warps / 3 stages, and for N-d grids on 64-token KV boxes too.
+its default tiles, then its other tile pairs head-major.
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -52,18 +50,14 @@ def main() -> None:
                         help="one-item vs persistent forward (1 and 2 programs per SM)")
     parser.add_argument("--loops", action="store_true",
                         help="list vs box FULL loops x rank- vs head-major item order")
-    parser.add_argument("--rescale", action="store_true",
-                        help="exact vs lazy rescaling of FULL tiles")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
                         help="tile sweep: warps and stages, comma-separated")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
-    if args.persistent or args.rescale or (args.loops and not args.bwd):
-        make = (persistent_variants if args.persistent
-                else rescale_variants if args.rescale else loop_variants)
-        tune_variants(rows, make, args.out)
+    if args.persistent or (args.loops and not args.bwd):
+        tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
         return
     if any(isinstance(r.pattern, sp.TopK) for r in rows):
         tune_topk([r for r in rows if isinstance(r.pattern, sp.TopK)], args.out)
@@ -112,21 +106,6 @@ def persistent_variants(plan: TilePlan) -> list[Variant]:
     return [("one-item", plan, one_item)] + [
         (f"persistent-{n}", plan,
          dataclasses.replace(one_item, persistent=True, programs_per_sm=n)) for n in (1, 2)]
-
-
-def rescale_variants(plan: TilePlan) -> list[Variant]:
-    """Exact and lazy rescaling at the default launch, at 8 warps / 3 stages, and for N-d
-    grids on the best 128/64-token boxes at 8 warps / 3 stages."""
-    plans = [("", plan, default_config(plan))]
-    plans.append(("-8w3s", plan, dataclasses.replace(default_config(plan), num_warps=8,
-                                                      num_stages=3)))
-    if plan.q_layout.ndim > 1:
-        qt, kt = best_boxes(plan.pattern, plan.q_len, plan.kv_len, 128, 64)
-        other = build_plan(plan.pattern, plan.q_len, plan.kv_len, qt, kt)
-        plans.append(("-kv64-8w3s", other, LaunchConfig(8, 3)))
-    return [(f"{'lazy' if lazy else 'exact'}{name}", p,
-             dataclasses.replace(cfg, lazy_rescale=lazy))
-            for name, p, cfg in plans for lazy in (False, True)]
 
 
 def loop_variants(plan: TilePlan) -> list[Variant]:
@@ -184,7 +163,7 @@ def tune_variants(rows, make_variants, out_path: str) -> None:
             res = {"id": row.id, "variant": name, "q": plan.q_tile, "kv": plan.kv_tile,
                    "warps": cfg.num_warps, "stages": cfg.num_stages,
                    "persistent": cfg.persistent, "box_loops": cfg.box_loops,
-                   "head_major": cfg.head_major, "lazy_rescale": cfg.lazy_rescale,
+                   "head_major": cfg.head_major,
                    "programs": fwd_grid(plan, B * H, cfg, q.device),
                    "items": plan.num_q_tiles * B * H, "err": err, "max_diff_vs_first": diff,
                    "ms": ms, "rounds_ms": rounds[name], "sdpa_ms": sdpa,

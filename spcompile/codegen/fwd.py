@@ -171,54 +171,14 @@ def key_bias_lines(axis: str) -> list[str]:
     return [KEY_BIAS_LOAD, f"qk = qk + kb{axis}"]
 
 
-# Lazy rescaling: a FULL tile moves the running max (and rescales acc, BLOCK_M x BLOCK_DV
-# multiplies: two per score at 64-key tiles and head dim 128) only when some row's max grew by
-# more than 2^8; otherwise its probabilities are taken against the stale max and stay <= 2^8.
-# Exact: out = acc / l holds for any reference max that keeps exp2 finite.
-RESCALE_SLACK = 8.0
-
-_EXACT_RESCALE = [
-    "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
-    "p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element",
-    "alpha = tl.math.exp2(m_i - m_new)",
-    "l_i = l_i * alpha + tl.sum(p, 1)",
-    "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)",
-    "m_i = m_new",
-]
-
-_LAZY_RESCALE = [
-    "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
-    f"if tl.max(m_new - m_i, 0) > {RESCALE_SLACK}:  # the first tile always (m_i = -inf)",
-    "    alpha = tl.math.exp2(m_i - m_new)",
-    "    l_i = l_i * alpha",
-    "    acc = acc * alpha[:, None]",
-    "    m_i = m_new",
-    "p = tl.math.exp2(qk * qk_scale - m_i[:, None])",
-    "l_i = l_i + tl.sum(p, 1)",
-    "acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)",
-]
-
-# Tiles that may hold masked keys: a row may have seen no key yet (max -inf), so the max is
-# replaced by 0 there and exp2(-inf - 0) = 0.
-_GUARDED = [
-    "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
-    "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no key yet",
-    "p = tl.math.exp2(qk * qk_scale - m_use[:, None])",
-    "alpha = tl.math.exp2(m_i - m_use)",
-    "l_i = l_i * alpha + tl.sum(p, 1)",
-    "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)",
-    "m_i = m_new",
-]
-
-
 def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False,
-              bias: bool = False, lazy: bool = False) -> list[str]:
+              bias: bool = False) -> list[str]:
     """One KV tile of the online softmax; ``masked`` adds the pattern and padding guards.
 
     With ``tma`` (1-D layouts on Hopper), K and V tiles arrive through tensor descriptors; rows
     past the sequence end come back as zeros and are masked like any padding. With ``bias``
     every tile adds the per-key bias (key padding) and takes the guarded softmax: a FULL tile
-    may then hold only blocked keys. ``lazy``: FULL tiles rescale lazily (``RESCALE_SLACK``).
+    may then hold only blocked keys.
     """
     mask = step_mask(plan, source, masked)
     lines = kv_source_lines(plan, source)
@@ -243,9 +203,25 @@ def _fwd_step(plan: TilePlan, source: str, masked: bool, tma: bool = False,
         lines += [f"qk = tl.where(k_ok & {mask}, qk, float('-inf'))"]
     if bias:
         lines += key_bias_lines("[None, :]")
-    if mask is not None or bias:
-        return lines + _GUARDED
-    return lines + (_LAZY_RESCALE if lazy else _EXACT_RESCALE)
+    if mask is None and not bias:
+        lines += [
+            "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
+            "p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element",
+            "alpha = tl.math.exp2(m_i - m_new)",
+        ]
+    else:
+        lines += [
+            "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
+            "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with no key yet",
+            "p = tl.math.exp2(qk * qk_scale - m_use[:, None])",
+            "alpha = tl.math.exp2(m_i - m_use)",
+        ]
+    lines += [
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)",
+        "m_i = m_new",
+    ]
+    return lines
 
 
 def item_split(item: str, tile: str, heads: str, num_heads: str, num_tiles: int,
@@ -345,8 +321,7 @@ def _o_store_tma(layout: TokenLayout) -> str:
 
 
 def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
-               bias: bool = False, box: bool = False, head_major: bool = False,
-               lazy: bool = False) -> str:
+               bias: bool = False, box: bool = False, head_major: bool = False) -> str:
     """The forward kernel's source for this plan (everything but dtypes and head dims inlined).
 
     ``persistent`` wraps the same body in a grid-stride loop over the work items (see
@@ -356,8 +331,8 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
     freed pipeline buffers for it). Compiled for sm_90, that took the 128x128-tile, 8-warp,
     3-stage kernel from 224 KiB to 256 KiB, past the H100's 227 KiB per program (and the
     128x64 4-warp one from 96 to 128 KiB, one program per SM instead of two). ``bias`` adds a
-    per-key bias (key padding) to every tile. ``box``: see ``fwd_loops``; ``head_major`` (the
-    item order) and ``lazy`` (lazy rescaling): see ``LaunchConfig``.
+    per-key bias (key padding) to every tile. ``box``: see ``fwd_loops``; ``head_major``: the
+    item order, see ``LaunchConfig``.
     """
     tma_store = tma and not persistent
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
@@ -370,8 +345,7 @@ def fwd_source(plan: TilePlan, tma: bool = False, persistent: bool = False,
         q_load=_indent([("q = " + _tma_load(plan.q_layout, "QD", "tile", "h", "H", "BLOCK_M",
                                               "BLOCK_D")) if tma else _Q_LOAD], 4),
         o_store=_indent([_o_store_tma(plan.q_layout) if tma_store else _O_STORE], 4),
-        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias, lazy=lazy),
-                        box=box),
+        loops=fwd_loops(plan, functools.partial(_fwd_step, tma=tma, bias=bias), box=box),
     )
     order = item_split("work" if persistent else "pid", "rank", "bh", "BH", plan.num_q_tiles,
                        head_major)
@@ -423,9 +397,6 @@ class LaunchConfig:
     instead of rank by rank across all heads. Rank-major spreads the programs in flight over
     every head, so their K/V working set is every head's; head-major keeps it to one or two
     heads, which an H100's 50 MB L2 can hold where the other cannot.
-
-    ``lazy_rescale``: FULL tiles move the running max only when it grew by more than
-    ``RESCALE_SLACK`` (log2 units), skipping most of the accumulator's rescaling multiplies.
     """
 
     num_warps: int
@@ -434,7 +405,6 @@ class LaunchConfig:
     programs_per_sm: int = 2
     box_loops: bool = True
     head_major: bool = True
-    lazy_rescale: bool = False
 
     def __post_init__(self) -> None:
         if self.programs_per_sm < 1:
@@ -566,15 +536,15 @@ def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
 
 @functools.lru_cache(maxsize=256)
 def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False, bias: bool = False,
-                box: bool = False, head_major: bool = False, lazy: bool = False) -> Any:
+                box: bool = False, head_major: bool = False) -> Any:
     """The compiled module of a plan, generated once (regenerating and hashing the source on
     every call cost ~0.3 ms of host time per call on the H100 machine). The name says which
     variant; the file's hash covers its source as well."""
     flags = {"tma": tma, "persistent": persistent, "keybias": bias, "box": box,
-             "headmajor": head_major, "lazy": lazy}
+             "headmajor": head_major}
     name = kernel_name(plan, "fwd") + "".join(f"-{k}" for k, on in flags.items() if on)
     return load_source(name, fwd_source(plan, tma=tma, persistent=persistent, bias=bias, box=box,
-                                        head_major=head_major, lazy=lazy))
+                                        head_major=head_major))
 
 
 def list_args(plan: TilePlan, t: dict[str, Tensor], lists: BlockLists | None, transposed: bool
@@ -618,7 +588,7 @@ def attn_fwd(
     t = plan.device_tensors(q.device)
     box = config.box_loops and "full_box" in t  # only static plans have boxes
     module = _fwd_module(plan, bool(descriptors), config.persistent, key_bias is not None, box,
-                         config.head_major, config.lazy_rescale)
+                         config.head_major)
     aux, aux_stride = aux_tensor(plan, str(q.device))
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size

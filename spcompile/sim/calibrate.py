@@ -215,15 +215,17 @@ def load_results(
 
 #: What the forward runs by default, per flag a results row may record (the defaults of
 #: ``codegen.fwd.LaunchConfig``); the model costs this kernel only.
+#: The flags of the kernel that runs by default, as result rows record them; ``lazy_rescale``
+#: was an experiment (commit c4439bb, measured slower and removed): the kernel runs without it.
 DEFAULT_KERNEL = {f.name: f.default for f in dataclasses.fields(LaunchConfig)
-                  if f.name in ("persistent", "box_loops", "head_major", "lazy_rescale")}
+                  if f.name in ("persistent", "box_loops", "head_major")} | {"lazy_rescale": False}
 
 
 def _other_kernel(row: dict[str, Any]) -> str:
     """Which non-default kernel variant a row measured ("" for the default one). Rows of
-    ``benchmarks/tune.py --persistent`` / ``--loops`` / ``--rescale`` record the flags (a row
-    without one ran before it existed: its default); earlier files of the same scripts name
-    them in ``variant`` only: "persistent-N", or "{list|box}-{rank|head}"."""
+    ``benchmarks/tune.py --persistent`` / ``--loops`` record the flags (a row without one ran
+    before it existed: its default); earlier files of the same scripts name them in
+    ``variant`` only: "persistent-N", or "{list|box}-{rank|head}"."""
     flags = {k: row[k] for k in DEFAULT_KERNEL if k in row}
     variant = str(row.get("variant", ""))
     if not flags and variant:

@@ -36,9 +36,8 @@ def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[
     from triton.compiler import ASTSource
 
     name = (kernel_name(plan, "sm90") + ("-persistent" if persistent else "")
-            + ("-box" if box else "") + ("-lazy" if config.lazy_rescale else ""))
-    source = fwd_source(plan, tma=True, persistent=persistent, box=box,
-                        lazy=config.lazy_rescale)
+            + ("-box" if box else ""))
+    source = fwd_source(plan, tma=True, persistent=persistent, box=box)
     fn = load_source(name, source).attn_fwd_kernel
     const = {"H": 8, "H_KV": 8, "GROUP": 1, "LIST_GROUP": 1, "HEAD_DIM": HEAD_DIM,
              "HEAD_DIM_V": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_DV": HEAD_DIM,
