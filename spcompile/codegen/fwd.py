@@ -426,13 +426,15 @@ def default_config(plan: TilePlan) -> LaunchConfig:
     box loops and head-major items, 2026-11-23-s4-h100-loops.json confirms both defaults).
 
     128x64 tiles: 4 warps, 2 stages (blk16k 10.3x; 8 warps 7.6x). 128x128 tiles: 8 warps,
-    3 stages (na2d31 5.8x, hunyuan_gna 7.5x; 4 warps 4.1x / 5.6x). Four stages of 128x128 K/V
-    tiles overflow shared memory at head dim 128. Persistent only with SPCOMPILE_PERSISTENT=1
-    (measured slower on the H100 in session 3).
+    3 stages (na2d31 5.8x, hunyuan_gna 7.5x; 4 warps 4.1x / 5.6x). N-d boxes of 128x64 tokens
+    run best at 8 warps, 3 stages too (2026-11-23-s5-h100-tune-nd.json: na2d31 6.37x vs 5.37x
+    at 4 warps, 2 stages; na3d 6.16x vs 5.84x). Four stages of 128x128 K/V tiles overflow
+    shared memory at head dim 128. Persistent only with SPCOMPILE_PERSISTENT=1 (measured
+    slower on the H100 in session 3).
     """
     block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
     persistent = persistent_default()
-    if block_m >= 128 and block_n >= 128:
+    if block_m >= 128 and (block_n >= 128 or (block_n >= 64 and plan.q_layout.ndim > 1)):
         return LaunchConfig(num_warps=8, num_stages=3, persistent=persistent)
     return LaunchConfig(num_warps=4, num_stages=2, persistent=persistent)
 

@@ -1,12 +1,14 @@
 """Tile shapes: which boxes to cut the grid into, chosen by the tile bound they give.
 
-Token counts per tile come from the H100 sweep in benchmarks/data/2026-11-23-h100-tune.json:
-1-D patterns ran best with 128-token Q tiles and 64-token KV tiles (blk16k 10.3x vs 8.9x with
-128/128), N-d boxes with 128/128 (na2d31 5.8x vs 5.4x). Head dims above 128 halve the Q tile to
-keep K/V stages in shared memory. For an N-d grid, every box of that volume made of powers of
-two that fits the grid is a candidate; the plan of each is cheap (per-axis states), so we build
-them all and keep the one that visits the fewest tile-equivalents. Ties go to boxes whose last
-axis is longest (longer contiguous runs of tokens per row in memory).
+Token counts per tile come from the H100 sweeps in benchmarks/data/: 1-D patterns ran best
+with 128-token Q tiles and 64-token KV tiles (blk16k 10.3x vs 8.9x with 128/128,
+2026-11-23-h100-tune.json). N-d boxes hold 128 Q tokens and 128 or 64 KV tokens: at equal tile
+bound 128/128 runs ~10% faster (``ND_KV_RATE``), so 64-token KV boxes win only where they visit
+enough fewer tile-equivalents (na3d). Head dims above 128 halve the Q tile to keep K/V stages in
+shared memory. For an N-d grid, every box of a volume made of powers of two that fits the grid
+is a candidate; the plan of each is cheap (per-axis states), so we build them all and keep the
+one that visits the fewest tile-equivalents. Ties go to boxes whose last axis is longest (longer
+contiguous runs of tokens per row in memory).
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ from ..spec.patterns import Neighborhood, Pattern
 from .states import EMPTY, interval_axis_states, neighborhood_window
 from .tiles import TileShape, build_plan, grid_of
 
+#: Per-tile rate of the N-d forward by KV tokens per box (Q boxes of 128 tokens, 8 warps,
+#: 3 stages both), relative to 128. Measured on the H100 as (speedup ratio) / (tile-bound
+#: ratio) of 64- against 128-token KV boxes over 12 row pairs, two runs
+#: (benchmarks/data/2026-11-23-s5-h100-tune-nd.json, -rescale.json): median 0.906, range
+#: 0.87-1.06.
+ND_KV_RATE = {128: 1.0, 64: 0.906}
+
 
 def tile_tokens(ndim: int, head_dim: int) -> tuple[int, int]:
-    """(Q tokens, KV tokens) per tile for a layout of ``ndim`` axes."""
+    """(Q tokens, KV tokens) per tile for a layout of ``ndim`` axes (N-d: the larger KV box;
+    ``default_tiles`` also weighs the smaller one)."""
     if head_dim > 128:
         return 64, 64
     return (128, 64) if ndim == 1 else (128, 128)
@@ -69,7 +79,15 @@ def default_tiles(
     q_tokens, kv_tokens = tile_tokens(1 if grid is None else len(grid[0]), head_dim)
     if grid is None:
         return (q_tokens,), (kv_tokens,)
-    return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
+    if head_dim > 128:
+        return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
+    # Cost of each KV box size: tile-equivalents visited, over the size's per-tile rate.
+    options = []
+    for kv, rate in ND_KV_RATE.items():
+        visited, qt, kt = _best_boxes(pattern, q_len, kv_len, q_tokens, kv)
+        options.append((visited * kv / rate, -kv, qt, kt))
+    _, _, qt, kt = min(options)
+    return qt, kt
 
 
 def backward_tiles(
@@ -99,6 +117,14 @@ def best_boxes(
     visited tile pairs is the product of per-axis counts (summed over dilation groups): each
     candidate costs a few tiny per-axis matrices, not a plan.
     """
+    _, qt, kt = _best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
+    return qt, kt
+
+
+def _best_boxes(
+    pattern: Pattern, q_len: int, kv_len: int, q_tokens: int, kv_tokens: int
+) -> tuple[int, TileShape, TileShape]:
+    """(visited tile pairs, q box, kv box) of ``best_boxes``."""
     grid = grid_of(pattern)
     assert grid is not None
     shape, dilation = grid
@@ -107,8 +133,9 @@ def best_boxes(
         candidates = [(qt, kt) for qt in _candidates(q_tokens, group)
                       for kt in _candidates(kv_tokens, group)]
         costs = [build_plan(pattern, q_len, kv_len, qt, kt).num_visited for qt, kt in candidates]
-        best = min(zip(costs, candidates, strict=True), key=lambda c: (c[0], -c[1][0][-1]))
-        return best[1]
+        visited, (qt, kt) = min(zip(costs, candidates, strict=True),
+                                key=lambda c: (c[0], -c[1][0][-1]))
+        return visited, qt, kt
 
     @functools.cache
     def axis_visits(a: int, g: int, qt: int, kt: int) -> int:
@@ -128,4 +155,4 @@ def best_boxes(
             if best is None or key < best:
                 best = key
     assert best is not None
-    return best[2], best[3]
+    return best[0], best[2], best[3]

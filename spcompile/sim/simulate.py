@@ -299,7 +299,7 @@ def _topk_key(p: TopK, warps_stages: tuple[int, int] | None = None) -> LaunchKey
     """The launch of TopK's kernel: tiles are its blocks; warps and stages as given, else what
     ``codegen.fwd.default_config`` launches for such tiles."""
     if warps_stages is None:
-        tile = SimpleNamespace(tile_size=p.block)
+        tile = SimpleNamespace(tile_size=p.block, ndim=1)
         config = default_config(SimpleNamespace(q_layout=tile, kv_layout=tile))
         warps_stages = config.num_warps, config.num_stages
     return LaunchKey(p.block, p.block, *warps_stages)
