@@ -354,12 +354,17 @@ def _row(m: Measurement, profile: Profile, weight: float) -> _Row:
 
 
 def _active(rows: Sequence[_Row]) -> list[str]:
-    """The global coefficients the rows can tell anything about (the rest keep the base's)."""
+    """The global coefficients the rows can tell anything about (the rest keep the base's).
+
+    ``permute_ns_per_token`` is never fitted: every permuted launch has an efficiency of its
+    own (the "-nd" keys), which absorbs a per-token load cost, so the fit could only trade one
+    against the other (fitted to session 5's N-d sweeps it drove the N-d efficiency to the
+    1.0 cap and the permute cost to 7.3 ns per token). The kernel loads permuted tiles as
+    boxes through descriptors; the base profile's value (0 for the H100) stands.
+    """
     out = ["q_tile_overhead_us"]
     if any(r.plain or r.gathered for r in rows):
         out.append("partial_extra")
-    if any(r.work.q_permuted or r.work.kv_permuted or r.gathered for r in rows):
-        out.append("permute_ns_per_token")
     if any(r.gathered for r in rows):
         out.append("gather_extra")
     return [name for name in GLOBALS if name in out]
