@@ -183,9 +183,12 @@ def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileAr
         moved = 2 * (problem.batch * (problem.heads * problem.q_len
                                       + 2 * problem.kv_heads * problem.kv_len)
                      * problem.head_dim * problem.elem_bytes)
+        per_token = profile.kernel.permute_ns_per_token
+        cost_text = (f"{per_token:.2f} ns per token loaded, in every tile's time" if per_token
+                     else "inside the permuted launch's own efficiency")
         permutation = (f"fused into the kernel's loads and stores: 0 extra bytes (a separate "
                        f"permute of q, k, v and o would move {moved / 1e6:.0f} MB through HBM); "
-                       "its cost is the per-token gather term in every tile's time")
+                       f"its cost is {cost_text}")
     else:
         permutation = "none: tiles are runs of the flat sequence"
     return _base(

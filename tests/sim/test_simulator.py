@@ -108,6 +108,7 @@ def test_report_carries_the_plan_it_costed():
     assert r.permutation_bytes == 0 and "none" in r.permutation
     grid = simulate(sp.Neighborhood(shape=(64, 64), window=15))
     assert grid.permutation_bytes == 0 and "fused" in grid.permutation
+    assert "own efficiency" in grid.permutation  # the H100 profile fits no per-token cost
 
 
 # ---------------------------------------------------------------------------------------------
