@@ -36,6 +36,8 @@ CASES = {
                                          sp.Global(every=11, first=2), causal=True), 90, 90,
                                 (16,), (16,)),
     "dense": (sp.Dense(), 33, 33, (16,), (16,)),
+    # no PARTIAL tile: forward and dQ kernels are generated without their PARTIAL loop
+    "blocked-aligned": (sp.Blocked(block=32), 64, 64, (16,), (16,)),
 }
 
 
@@ -73,7 +75,7 @@ def test_torch_path_matches_reference(case):
 
 
 TRITON_CASES = ["na3d-causal-dil", "sliding-decode", "stripes-gathered",
-                "stripes-gathered-causal", "empty-rows"]
+                "stripes-gathered-causal", "empty-rows", "blocked-aligned"]
 
 
 @pytest.mark.parametrize("case", TRITON_CASES if not GPU else list(CASES))

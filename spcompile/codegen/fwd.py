@@ -265,7 +265,10 @@ def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
     """The visiting loops over the plan: FULL tiles, PARTIAL list, then the gather segment.
 
     ``box``: the FULL tiles are computed from the plan's box (``TilePlan.full_box``) instead of
-    read from the list.
+    read from the list. A static plan without PARTIAL tiles (blocked, GNA on stride-aligned
+    tiles) gets no PARTIAL loop: never entered, its mask arithmetic still set the register
+    budget (ptxas: the 128x64-tile forward at 255 registers with 60-96 bytes spilled; without
+    the loop 254 and none).
     """
     before, kv_full = (box_tile_lines(plan, tile) if box
                        else ([], f"tl.load(l_fi + {tile} * full_stride + it)"))
@@ -275,11 +278,14 @@ def fwd_loops(plan: TilePlan, step: Callable[[TilePlan, str, bool], list[str]],
         "for it in range(n_full):",
         f"    kv_tile = {kv_full}",
         *("    " + x for x in step(plan, "tile", False)),
-        f"n_part = tl.load(l_pc + {tile})",
-        "for it in range(n_part):",
-        f"    kv_tile = tl.load(l_pi + {tile} * part_stride + it)",
-        *("    " + x for x in step(plan, "tile", True)),
     ]
+    if not plan.pattern.static or bool(plan.part_cnt.any()):
+        out += [
+            f"n_part = tl.load(l_pc + {tile})",
+            "for it in range(n_part):",
+            f"    kv_tile = tl.load(l_pi + {tile} * part_stride + it)",
+            *("    " + x for x in step(plan, "tile", True)),
+        ]
     if plan.gather is not None:
         out += [f"for it in range({plan.gather.num_tiles}):",
                 *("    " + x for x in step(plan, "gather", True))]

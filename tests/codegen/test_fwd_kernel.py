@@ -30,7 +30,24 @@ CASES = {
     "strided": (sp.Strided(local=4, stride=5), 33, 33, (16,), (16,)),
     "bigbird": (sp.BlockLayout(kind="bigbird", block=8, random=1), 48, 48, (16,), (16,)),
     "empty-rows": (sp.Global(indices=[20], causal=True), 40, 40, (16,), (16,)),
+    # No PARTIAL tile at all: the kernels are generated without the PARTIAL loop.
+    "blocked-aligned": (sp.Blocked(block=32), 96, 96, (16,), (16,)),
+    "gna2d-aligned": (sp.Neighborhood(shape=(8, 12), window=4, stride=4), 96, 96, (4, 4),
+                      (4, 4)),
 }
+
+
+def test_partial_loop_only_where_the_plan_has_partial_tiles() -> None:
+    from spcompile.codegen.fwd import fwd_source
+
+    for case, has_partial in (("blocked-aligned", False), ("gna2d-aligned", False),
+                              ("blocked", True), ("na2d-17x23", True)):
+        pattern, sq, skv, q_tile, kv_tile = CASES[case]
+        plan = build_plan(pattern, sq, skv, q_tile, kv_tile)
+        assert (plan.num_partial > 0) == has_partial, case
+        assert ("n_part" in fwd_source(plan)) == has_partial, case
+    topk = build_plan(sp.TopK(block=16, k=1), 64, 64)  # run-time lists: always both loops
+    assert "n_part" in fwd_source(topk)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
