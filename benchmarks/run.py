@@ -147,9 +147,6 @@ def flex_fn(row: Row, q, k, v):
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
-bench = median_ms
-
-
 def ours_fn(row: Row, q, k, v):
     """Our forward as users call it; static single patterns time the kernel launch alone
     (as in every earlier run), TopK includes its estimation, PerHead its per-run launches."""
@@ -179,13 +176,13 @@ def run_row(row: Row, args) -> dict:
            "flop_bound": s * s / pairs, "tile_bound": tile_bound, "rel_err": err,
            "plan_s": plan_s, "first_call_s": first_call_s, "goal": row.goal}
     if isinstance(row.pattern, sp.TopK):
-        res["estimation_ms"] = bench(lambda: estimate_blocks(row.pattern, q, k))
+        res["estimation_ms"] = median_ms(lambda: estimate_blocks(row.pattern, q, k))
         # The rest of the call, apart: the lists, then the attention kernel alone.
         sel = estimate_blocks(row.pattern, q, k)
-        res["lists_ms"] = bench(lambda: block_lists(row.pattern, sel, s, H))
+        res["lists_ms"] = median_ms(lambda: block_lists(row.pattern, sel, s, H))
         lists = block_lists(row.pattern, sel, s, H)
         plan = build_plan(row.pattern, s, s)
-        res["kernel_ms"] = bench(lambda: attn_fwd(q, k, v, plan, lists=lists))
+        res["kernel_ms"] = median_ms(lambda: attn_fwd(q, k, v, plan, lists=lists))
         res["predicted_estimation_ms"] = predicted.estimation_ms
         res["kept_mass_random"] = kept_mass(row, q, k, v)
         if row.structured:
@@ -204,7 +201,7 @@ def run_row(row: Row, args) -> dict:
         try:
             fn = flex_fn(row, q, k, v)
             fn()
-            res["flex_ms"] = bench(fn)
+            res["flex_ms"] = median_ms(fn)
             res["flex_speedup"] = sdpa_ms / res["flex_ms"]
         except Exception as e:  # report, never hide
             res["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import B, D, H, bench, sampled_error
+from run import B, D, H, sampled_error
 from suite import suite
 
 import spcompile as sp
@@ -38,7 +38,7 @@ from spcompile.codegen.fwd import LaunchConfig, attn_fwd, default_config, fwd_gr
 from spcompile.plan.choose import backward_tiles, best_boxes
 from spcompile.plan.tiles import TilePlan, build_plan, grid_of
 from spcompile.plan.topk import block_lists, estimate_blocks
-from spcompile.timing import interleaved_ms
+from spcompile.timing import interleaved_ms, median_ms
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     for row in rows:
         s = row.seq_len
         q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        sdpa = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
         for (mq, mk), cfg in itertools.product(sizes, configs):
             if grid_of(row.pattern) is None:
                 qt, kt = (mq,), (mk,)
@@ -82,7 +82,7 @@ def main() -> None:
             try:
                 out, _ = attn_fwd(q, k, v, plan, config=cfg)
                 err = sampled_error(row, q, k, v, out)
-                ms = bench(lambda q=q, k=k, v=v, p=plan, c=cfg: attn_fwd(q, k, v, p, config=c))
+                ms = median_ms(lambda q=q, k=k, v=v, p=plan, c=cfg: attn_fwd(q, k, v, p, config=c))
             except Exception as e:
                 print(row.id, mq, mk, cfg, "ERROR", type(e).__name__, str(e)[:120])
                 continue
@@ -187,7 +187,7 @@ def tune_topk(rows, out_path: str) -> None:
         s, p = row.seq_len, row.pattern
         q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
                        for _ in range(4))
-        sdpa = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        sdpa = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
         plan = build_plan(p, s, s)
         sel = estimate_blocks(p, q, k)
         lists, lists_t = block_lists(p, sel, s, H), block_lists(p, sel, s, H, transposed=True)
@@ -195,9 +195,9 @@ def tune_topk(rows, out_path: str) -> None:
         for warps, stages in itertools.product((4, 8), (1, 2, 3, 4)):
             cfg = LaunchConfig(warps, stages)
             try:
-                fwd = bench(functools.partial(attn_fwd, q, k, v, plan, config=cfg,
+                fwd = median_ms(functools.partial(attn_fwd, q, k, v, plan, config=cfg,
                                               lists=lists))
-                bwd = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan,
+                bwd = median_ms(functools.partial(attn_bwd, do, q, k, v, out, lse, plan,
                                               config=cfg, lists=lists, lists_t=lists_t))
             except Exception as e:
                 print(row.id, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
@@ -220,10 +220,10 @@ def _backward_inputs(row):
     def sdpa_fb():
         F.scaled_dot_product_attention(qg, kg, vg).backward(do)
 
-    sdpa = bench(sdpa_fb)
+    sdpa = median_ms(sdpa_fb)
     fwd_plan = build_plan(row.pattern, s, s)
     out, lse = attn_fwd(q, k, v, fwd_plan)
-    fwd_ms = bench(functools.partial(attn_fwd, q, k, v, fwd_plan))
+    fwd_ms = median_ms(functools.partial(attn_fwd, q, k, v, fwd_plan))
     return q, k, v, do, out, lse, sdpa, fwd_ms, fwd_plan
 
 
@@ -246,7 +246,7 @@ def tune_bwd(rows, out_path: str) -> None:
             cfg = LaunchConfig(warps, stages)
             try:
                 grads = attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
-                ms = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
+                ms = median_ms(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
             except Exception as e:
                 print(row.id, qt, kt, warps, stages, "ERROR", type(e).__name__, str(e)[:100])
                 continue
@@ -289,7 +289,7 @@ def tune_bwd_orders(rows, out_path: str) -> None:
                                       head_major=head_major)
             try:
                 grads = attn_bwd(do, q, k, v, out, lse, plan, config=cfg)
-                ms = bench(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
+                ms = median_ms(functools.partial(attn_bwd, do, q, k, v, out, lse, plan, config=cfg))
             except Exception as e:
                 print(row.id, qt, kt, head_major, "ERROR", type(e).__name__, str(e)[:100])
                 continue

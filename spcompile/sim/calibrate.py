@@ -214,9 +214,8 @@ def load_results(
 
 
 #: What the forward runs by default, per flag a results row may record (the defaults of
-#: ``codegen.fwd.LaunchConfig``); the model costs this kernel only.
-#: The flags of the kernel that runs by default, as result rows record them; ``lazy_rescale``
-#: was an experiment (commit c4439bb, measured slower and removed): the kernel runs without it.
+#: ``codegen.fwd.LaunchConfig``); the model costs this kernel only. ``lazy_rescale`` was an
+#: experiment (commit c4439bb, measured slower and removed): the kernel runs without it.
 DEFAULT_KERNEL = {f.name: f.default for f in dataclasses.fields(LaunchConfig)
                   if f.name in ("persistent", "box_loops", "head_major")} | {"lazy_rescale": False}
 

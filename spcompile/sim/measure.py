@@ -24,11 +24,6 @@ from .hardware import KernelCoefficients, Profile
 __all__ = ["calibration_suite", "measure_gpu", "profile_from_measurements"]
 
 
-def _bench(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` on the GPU, timed as the benchmarks time it."""
-    return median_ms(fn)
-
-
 #: The kernel rows ``measure_gpu`` times. Each launch configuration the kernel uses by default
 #: gets long loops, short loops (2-4 tiles: the per-program overhead) and, for 1-D tiles, partial
 #: tiles; the N-d configuration (128x128 tiles) also runs 1-D blocks, so that the permuted-load
@@ -84,7 +79,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
         allow = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # our fp32 kernel runs ieee fp32
         try:
-            ms = _bench(lambda a=a, b=b: a @ b)
+            ms = median_ms(lambda a=a, b=b: a @ b)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allow
         matmul[dtype] = round(2 * n**3 / (ms * 1e-3) / 1e12, 1)
@@ -94,18 +89,18 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
 
     big = torch.empty(1 << 29, dtype=torch.uint8, device=dev)  # 512 MiB, far beyond L2
     dst = torch.empty_like(big)
-    ms = _bench(lambda big=big, dst=dst: dst.copy_(big))
+    ms = median_ms(lambda big=big, dst=dst: dst.copy_(big))
     hw["hbm_gbps"] = round(2 * big.numel() / (ms * 1e-3) / 1e9)
     del big, dst
     from .l2probe import l2_read_gbps
 
-    hw["l2_gbps"] = round(l2_read_gbps(int(hw["l2_mb"] * 1e6), hw["num_sms"], _bench))
+    hw["l2_gbps"] = round(l2_read_gbps(int(hw["l2_mb"] * 1e6), hw["num_sms"], median_ms))
     say(f"  GB/s: HBM copy {hw['hbm_gbps']}, L2 read {hw['l2_gbps']}")
 
     from ..spec.patterns import Dense
 
     tiny = torch.zeros(16, device=dev)
-    hw["launch_us"] = round(_bench(lambda: tiny.add_(1)) * 1e3, 1)
+    hw["launch_us"] = round(median_ms(lambda: tiny.add_(1)) * 1e3, 1)
     small = torch.randn(1, 1, 128, head_dim, device=dev, dtype=torch.bfloat16)
     plan = build_plan(Dense(), 128, 128, (128,), (64,))
     attn_fwd(small, small, small, plan)
@@ -125,7 +120,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
         for s in lengths:
             q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch_dtype)
                        for _ in range(3))
-            ms = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+            ms = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
             rate = round(4 * heads * s**2 * head_dim / (ms * 1e-3) / 1e12, 1)
             if dtype == "bf16":
                 by_len[str(s)] = rate
@@ -141,11 +136,11 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
         q, k, v = (torch.randn(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
                    for _ in range(3))
         if s not in sdpa_at:
-            sdpa_at[s] = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+            sdpa_at[s] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
         plan = build_plan(pattern, s, s, tile, tile, head_dim=head_dim)
         config = default_config(plan)
         attn_fwd(q, k, v, plan, config=config)
-        ms = _bench(lambda q=q, k=k, v=v, p=plan, c=config: attn_fwd(q, k, v, p, config=c))
+        ms = median_ms(lambda q=q, k=k, v=v, p=plan, c=config: attn_fwd(q, k, v, p, config=c))
         row = {"id": rid, "pattern": pattern.to_dict(), "tokens": s, "q_tile": plan.q_tile,
                "kv_tile": plan.kv_tile, "warps": config.num_warps,
                "stages": config.num_stages, "ms": ms, "sdpa_ms": sdpa_at[s],
