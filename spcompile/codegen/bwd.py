@@ -1,9 +1,15 @@
-"""The backward kernels: dK/dV per KV tile, dQ per Q tile, both over the forward's tile plan.
+"""The backward kernels: dQ per Q tile, then dK/dV per KV tile, each over a tile plan.
 
-    delta = rowsum(dO * O)                                  (torch, one pass over dO and O)
+    dQ:     program (Q tile, batch, head): delta = rowsum(dO * O) for its rows (stored for the
+            dK/dV kernel), then a loop over the plan's lists
     dK, dV: program (KV tile, batch, kv head), loops over the GQA group's heads and over the
             Q tiles that visit this KV tile (the plan's transposed lists), FULL then PARTIAL
-    dQ:     program (Q tile, batch, head), loops over the forward's lists
+
+delta used to be a torch expression before both kernels: (dO.float() * O.float()).sum(-1)
+writes and reads three fp32 copies of a [B, H, S, D] tensor, 0.62 ms at S = 16k on the H100
+(as long as 70% of the dQ kernel), where the dQ kernel gets it from one more tile load.
+The kernels share nothing else: ``attn_bwd_dq`` and ``attn_bwd_dkdv`` run apart, on plans of
+their own tiles if asked (``benchmarks/tune.py --bwd`` times them so; 64/64 stayed best).
 
 Every output tile is owned by one program and accumulated in a fixed order: deterministic, no
 atomics. P is recomputed from the saved LSE; rows with LSE -inf (no key) give P = 0.
@@ -104,10 +110,10 @@ _DQ = '''
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER, KBIAS,
+    Q, K, V, O, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, AUX, GATHER, KBIAS,
     sm_scale, AUX_STRIDE, s_kbb,
     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_lb, s_lh,
-    s_dqb, s_dqh, s_dqs,
+    s_ob, s_oh, s_os, s_dqb, s_dqh, s_dqs,
     full_stride, part_stride, lst_full, lst_part, lst_cnt, BH,
     H: tl.constexpr, GROUP: tl.constexpr, LIST_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -130,10 +136,13 @@ def attn_bwd_dq_kernel(
                 mask=q_ok & d_ok[None, :], other=0.0)
     do = tl.load(DO + b.to(tl.int64) * s_dob + h.to(tl.int64) * s_doh + q_tok * s_dos
                  + offs_dv[None, :], mask=q_ok & dv_ok[None, :], other=0.0)
+    o = tl.load(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + q_tok * s_os
+                + offs_dv[None, :], mask=q_ok & dv_ok[None, :], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     l_base = b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh
+    tl.store(DELTA + l_base + q_row, delta, mask=q_row_ok)
     lse = tl.load(LSE + l_base + q_row, mask=q_row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(DELTA + l_base + q_row, mask=q_row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -236,11 +245,11 @@ def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool, head_major:
     )
 
 
-def bwd_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> str:
-    """The backward kernels' source; ``bias`` adds the per-key bias (key padding) to every
-    recomputed score, ``head_major`` numbers the programs head by head."""
+def dq_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> str:
+    """The dQ kernel's source; ``bias`` adds the per-key bias (key padding) to every recomputed
+    score, ``head_major`` numbers the programs head by head."""
     q_layout = layout_code(plan.q_layout, "q", "tile", "offs_m", "")
-    dq = _DQ.format(
+    return _HEADER + _DQ.format(
         order=_indent(item_split("pid", "tile", "bh", "BH", plan.num_q_tiles, head_major), 4),
         offsets=OFFSETS,
         lists=_indent(list_pointers(plan, "H"), 4),
@@ -249,7 +258,11 @@ def bwd_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> 
         offset=plan.kv_len - plan.q_len,
         loops=fwd_loops(plan, functools.partial(_dq_step, bias=bias)),
     )
-    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel", bias, head_major) + dq
+
+
+def dkdv_source(plan: TilePlan, bias: bool = False, head_major: bool = False) -> str:
+    """The dK/dV kernel's source, with the gathered keys' kernel where the plan has them."""
+    out = _HEADER + _dkdv_source(plan, "tile", "attn_bwd_dkdv_kernel", bias, head_major)
     if plan.gather is not None:
         out += _dkdv_source(plan, "gather", "attn_bwd_dkdv_gather_kernel", bias, head_major)
     return out
@@ -259,18 +272,119 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
     """From the H100 sweep (benchmarks/data/2026-11-23-h100-tune-bwd.json): five dots per
     step want 8 warps; 128x64 tiles pipeline 2 deep (blk16k bwd 2.93 ms vs 3.34 at 1 stage),
     128x128 boxes only 1 deep (na2d31 4.71 ms vs 5.96 at 2; 3 stages overflow shared memory).
+    The default 64/64 tiles run at 4 warps, 2 stages; with each kernel timed apart
+    (2026-11-23-s6-h100-tune-bwd.json) no other tile pair or config beat them by more than 2%.
     """
     if block_m >= 128 and block_n >= 128:
         return LaunchConfig(num_warps=8, num_stages=1)
     return LaunchConfig(num_warps=8 if max(block_m, block_n) >= 128 else 4, num_stages=2)
 
 
-@functools.lru_cache(maxsize=256)
-def _bwd_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
-    """Generated once per plan and variant (see fwd._fwd_module)."""
-    name = kernel_name(plan, "bwd") + ("-keybias" if bias else "") + (
+def _module_name(plan: TilePlan, kind: str, bias: bool, head_major: bool) -> str:
+    return kernel_name(plan, kind) + ("-keybias" if bias else "") + (
         "-headmajor" if head_major else "")
-    return load_source(name, bwd_source(plan, bias, head_major))
+
+
+@functools.lru_cache(maxsize=256)
+def _dq_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
+    """Generated once per plan and variant (see fwd._fwd_module)."""
+    return load_source(_module_name(plan, "bwd-dq", bias, head_major),
+                       dq_source(plan, bias, head_major))
+
+
+@functools.lru_cache(maxsize=256)
+def _dkdv_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
+    return load_source(_module_name(plan, "bwd-dkdv", bias, head_major),
+                       dkdv_source(plan, bias, head_major))
+
+
+def _common(q: Tensor, v: Tensor, plan: TilePlan) -> dict[str, Any]:
+    """The constexpr arguments both backward kernels take."""
+    d, dv = q.shape[3], v.shape[3]
+    return dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=padded_dim(d), BLOCK_DV=padded_dim(dv),
+                BLOCK_M=plan.q_layout.tile_size, BLOCK_N=plan.kv_layout.tile_size,
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor) -> tuple[int, ...]:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1))
+
+
+def attn_bwd_dq(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
+    scale: float, config: LaunchConfig | None = None, lists: BlockLists | None = None,
+    key_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(dq, delta): the dQ kernel, which also writes delta = rowsum(dO * O) (fp32, shaped as
+    ``lse``) for the dK/dV kernel. Inputs contiguous in the last dim, ``lse`` contiguous."""
+    check_tiles(plan)
+    b, h = q.shape[:2]
+    cfg = config or bwd_config(plan.q_layout.tile_size, plan.kv_layout.tile_size)
+    module = _dq_module(plan, key_bias is not None, cfg.head_major)
+    t = plan.device_tensors(q.device)
+    aux, aux_stride = aux_tensor(plan, str(q.device))
+    kbias, s_kbb = key_bias_arg(key_bias, b, k.shape[2], scale, q.device)
+    dq = torch.empty_like(q)
+    delta = torch.empty_like(lse)
+    tensors, strides, group = list_args(plan, t, lists, transposed=False)
+    module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
+        q, k, v, out, do, lse, delta, dq, *tensors, aux, t.get("gather", t["full_cnt"]), kbias,
+        scale, aux_stride, s_kbb, *_strides(q, k, v, do, lse),
+        out.stride(0), out.stride(1), out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        *strides, b * h,
+        H=h, GROUP=h // k.shape[1], LIST_GROUP=group,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common(q, v, plan),
+    )
+    return dq, delta
+
+
+def attn_bwd_dkdv(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan,
+    scale: float, config: LaunchConfig | None = None, lists_t: BlockLists | None = None,
+    key_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(dk, dv): the dK/dV kernel (and the gathered keys' one), given ``attn_bwd_dq``'s delta."""
+    check_tiles(plan)
+    b, h, _, d = q.shape
+    h_kv, dv_dim = k.shape[1], v.shape[3]
+    cfg = config or bwd_config(plan.q_layout.tile_size, plan.kv_layout.tile_size)
+    module = _dkdv_module(plan, key_bias is not None, cfg.head_major)
+    t = plan.device_tensors(q.device)
+    aux, aux_stride = aux_tensor(plan, str(q.device))
+    kbias, s_kbb = key_bias_arg(key_bias, b, k.shape[2], scale, q.device)
+    gather = t.get("gather", t["full_cnt"])
+    tensors, strides, group = list_args(plan, t, lists_t, transposed=True)
+    launch = dict(H_KV=h_kv, GROUP=h // h_kv, N_Q_TILES=plan.num_q_tiles,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common(q, v, plan))
+    front = (scale, aux_stride, s_kbb, *_strides(q, k, v, do, lse))
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
+        q, k, v, do, lse, delta, dk, dv, *tensors, aux, gather, kbias, *front,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *strides, b * h_kv, LIST_GROUP=group, **launch,
+    )
+    if plan.gather is not None:
+        # Gathered keys also appear in the regular tiles; their programs write an fp32 buffer by
+        # gather slot, added into dK/dV at the key positions (unique indices: deterministic).
+        n_slots = plan.gather.tokens.numel()
+        dk_g = torch.zeros(b, h_kv, n_slots, d, dtype=torch.float32, device=k.device)
+        dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
+        module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
+            q, k, v, do, lse, delta, dk_g, dv_g, *tensors, aux, gather, kbias, *front,
+            dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
+            dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
+            0, 0, 0, 0, 0, b * h_kv, LIST_GROUP=1, **launch,
+        )
+        slots = (plan.gather.tokens >= 0).nonzero().squeeze(1).to(k.device)
+        keys = gather.long()[slots]
+        dk.index_copy_(2, keys, (dk.index_select(2, keys).float()
+                                 + dk_g.index_select(2, slots)).to(dk.dtype))
+        dv.index_copy_(2, keys, (dv.index_select(2, keys).float()
+                                 + dv_g.index_select(2, slots)).to(dv.dtype))
+    return dk, dv
 
 
 def attn_bwd(
@@ -284,70 +398,9 @@ def attn_bwd(
     ``lists`` / ``lists_t``: a data-dependent plan's run-time lists, per query tile and per key
     tile (``plan.topk.block_lists(..., transposed=True)``). ``key_bias``: the forward's.
     """
-    check_tiles(plan)
-    b, h, _, d = q.shape
-    h_kv, dv_dim = k.shape[1], v.shape[3]
-    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
-    delta = (do.float() * out.float()).sum(-1)
+    q, k, v, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do, out))
     lse = lse.contiguous()
-    block_m, block_n = plan.q_layout.tile_size, plan.kv_layout.tile_size
-    cfg = config or bwd_config(block_m, block_n)
-    module = _bwd_module(plan, key_bias is not None, cfg.head_major)
-    t = plan.device_tensors(q.device)
-    aux, aux_stride = aux_tensor(plan, str(q.device))
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    common = dict(
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim,
-        BLOCK_D=padded_dim(d),
-        BLOCK_DV=padded_dim(dv_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-               lse.stride(0), lse.stride(1))
-    gather = t.get("gather", t["full_cnt"])
-    kbias, s_kbb = key_bias_arg(key_bias, b, k.shape[2], scale, q.device)
-    dkdv_args = (scale, aux_stride, s_kbb, *strides,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2))
-    t_tensors, t_strides, t_group = list_args(plan, t, lists_t, transposed=True)
-    module.attn_bwd_dkdv_kernel[(plan.num_kv_tiles * b * h_kv,)](
-        q, k, v, do, lse, delta, dk, dv, *t_tensors, aux, gather, kbias,
-        *dkdv_args, *t_strides, b * h_kv,
-        H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=t_group, N_Q_TILES=plan.num_q_tiles,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-    )
-    if plan.gather is not None:
-        # Gathered keys also appear in the regular tiles; their programs write an fp32 buffer by
-        # gather slot, added into dK/dV at the key positions (unique indices: deterministic).
-        n_slots = plan.gather.tokens.numel()
-        dk_g = torch.zeros(b, h_kv, n_slots, d, dtype=torch.float32, device=k.device)
-        dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
-        module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
-            q, k, v, do, lse, delta, dk_g, dv_g,
-            *t_tensors, aux, gather, kbias,
-            scale, aux_stride, s_kbb, *strides,
-            dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
-            dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
-            0, 0, 0, 0, 0, b * h_kv,
-            H_KV=h_kv, GROUP=h // h_kv, LIST_GROUP=1, N_Q_TILES=plan.num_q_tiles,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-        )
-        slots = (plan.gather.tokens >= 0).nonzero().squeeze(1).to(k.device)
-        keys = gather.long()[slots]
-        dk.index_copy_(2, keys, (dk.index_select(2, keys).float()
-                                 + dk_g.index_select(2, slots)).to(dk.dtype))
-        dv.index_copy_(2, keys, (dv.index_select(2, keys).float()
-                                 + dv_g.index_select(2, slots)).to(dv.dtype))
-    q_tensors, q_strides, q_group = list_args(plan, t, lists, transposed=False)
-    module.attn_bwd_dq_kernel[(plan.num_q_tiles * b * h,)](
-        q, k, v, do, lse, delta, dq, *q_tensors, aux, gather, kbias,
-        scale, aux_stride, s_kbb, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), *q_strides, b * h,
-        H=h, GROUP=h // h_kv, LIST_GROUP=q_group,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-    )
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    dq, delta = attn_bwd_dq(do, q, k, v, out, lse, plan, scale, config, lists, key_bias)
+    dk, dv = attn_bwd_dkdv(do, q, k, v, lse, delta, plan, scale, config, lists_t, key_bias)
     return dq, dk, dv

@@ -62,7 +62,7 @@ def test_orders_number_items_differently() -> None:
 def test_backward_orders_agree(case: str) -> None:
     """dK/dV and dQ programs numbered head-major compute what tile-major ones do (the gathered
     dK/dV kernel of stripes-gathered included)."""
-    from spcompile.codegen.bwd import attn_bwd, bwd_source
+    from spcompile.codegen.bwd import attn_bwd, dkdv_source
 
     pattern, sq, skv, qt, kt = CASES[case]
     plan = build_plan(pattern, sq, skv, qt, kt)
@@ -73,4 +73,4 @@ def test_backward_orders_agree(case: str) -> None:
              for hm in (False, True)]
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
-    assert f"bhk = pid // {plan.num_kv_tiles}" in bwd_source(plan, head_major=True)
+    assert f"bhk = pid // {plan.num_kv_tiles}" in dkdv_source(plan, head_major=True)
