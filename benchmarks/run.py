@@ -253,6 +253,9 @@ def main() -> None:
         results.append(res)
         print(json.dumps(res, default=str), flush=True)
         torch.cuda.empty_cache()
+        if args.out:  # after every row: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1,
+                                                 default=str))
     print()
     print(f"{'row':12s} {'flop':>6s} {'tile':>6s} {'err':>8s} {'sdpa ms':>8s} {'ours':>7s} "
           f"{'speedup':>8s} {'pred':>6s} {'goal':>5s} {'flex':>6s} {'eqTF':>6s}")
@@ -271,9 +274,6 @@ def main() -> None:
                  f"{r['kernel_ms']:.2f} ms kept {r['kept_mass_random']['kept']:.3f}"
                  f"/{r.get('kept_mass_structured', {}).get('kept', float('nan')):.3f}"
                  if "estimation_ms" in r else ""))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1,
-                                             default=str))
 
 
 if __name__ == "__main__":
