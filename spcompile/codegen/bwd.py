@@ -46,6 +46,7 @@ from .fwd import (
     kv_source_lines,
     list_args,
     list_pointers,
+    num_sms,
     padded_dim,
     step_mask,
 )
@@ -188,9 +189,13 @@ def _dkdv_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) ->
 
 
 def _dkdv_loops(plan: TilePlan, source: str, bias: bool) -> str:
-    if source == "gather":  # gathered keys: every Q tile, masked
+    if source == "gather":  # gathered keys: every Q tile of this program's chunk, masked
         step = _dkdv_step(plan, source, True, bias)
-        body = ["for tile in range(N_Q_TILES):", *("    " + x for x in step)]
+        body = ["chunk = tl.program_id(1)",
+                "n_chunks = tl.num_programs(1)",
+                "for tile in range(chunk * N_Q_TILES // n_chunks,"
+                " (chunk + 1) * N_Q_TILES // n_chunks):",
+                *("    " + x for x in step)]
     else:
         body = [
             *list_pointers(plan, "H_KV * GROUP"),
@@ -230,8 +235,12 @@ def _dq_step(plan: TilePlan, source: str, masked: bool, bias: bool = False) -> l
 
 
 def _dkdv_source(plan: TilePlan, source: str, name: str, bias: bool, head_major: bool) -> str:
-    # Gathered programs write their own buffer, row = slot in the gather segment.
-    store_row = "(kv_tile * BLOCK_N + offs_n)" if source == "gather" else "k_col"
+    # Gathered programs write their own buffer, row = (Q chunk, slot in the gather segment).
+    store_row = "k_col"
+    if source == "gather":
+        assert plan.gather is not None
+        rows = plan.gather.tokens.numel()
+        store_row = f"(tl.program_id(1) * {rows} + kv_tile * BLOCK_N + offs_n)"
     num_tiles = plan.gather.num_tiles if source == "gather" else plan.num_kv_tiles
     return _DKDV.format(
         order=_indent(item_split("pid", "kv_tile", "bhk", "BHK", num_tiles, head_major), 4),
@@ -278,6 +287,20 @@ def bwd_config(block_m: int, block_n: int) -> LaunchConfig:
     if block_m >= 128 and block_n >= 128:
         return LaunchConfig(num_warps=8, num_stages=1)
     return LaunchConfig(num_warps=8 if max(block_m, block_n) >= 128 else 4, num_stages=2)
+
+
+def gather_chunks(plan: TilePlan, bhk: int, sms: int) -> int:
+    """Chunks of Q tiles the gathered keys' dK/dV programs split the sequence into.
+
+    Every Q tile visits every gathered tile, so one program per gathered tile would loop over
+    all of them: vert16k's 96 programs ran 256 steps each after the main kernel, on fewer
+    programs than the H100 has SMs. Split into chunks until there are about four waves of two
+    programs per SM, keeping at least two Q tiles per chunk; the fp32 buffer grows by the
+    number of chunks (vert16k: 11, 35 MB).
+    """
+    assert plan.gather is not None
+    programs = plan.gather.num_tiles * bhk
+    return max(1, min(plan.num_q_tiles // 2, -(-8 * sms // programs)))
 
 
 def _module_name(plan: TilePlan, kind: str, bias: bool, head_major: bool) -> str:
@@ -367,17 +390,22 @@ def attn_bwd_dkdv(
         *strides, b * h_kv, LIST_GROUP=group, **launch,
     )
     if plan.gather is not None:
-        # Gathered keys also appear in the regular tiles; their programs write an fp32 buffer by
-        # gather slot, added into dK/dV at the key positions (unique indices: deterministic).
+        # Gathered keys also appear in the regular tiles. Their programs, one per (gathered tile,
+        # chunk of Q tiles), write an fp32 buffer by (chunk, gather slot); the chunks are summed
+        # in a fixed order and added into dK/dV at the key positions (unique: deterministic).
         n_slots = plan.gather.tokens.numel()
-        dk_g = torch.zeros(b, h_kv, n_slots, d, dtype=torch.float32, device=k.device)
-        dv_g = torch.zeros(b, h_kv, n_slots, dv_dim, dtype=torch.float32, device=v.device)
-        module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv,)](
+        chunks = gather_chunks(plan, b * h_kv, num_sms(q.device))
+        dk_g = torch.zeros(b, h_kv, chunks * n_slots, d, dtype=torch.float32, device=k.device)
+        dv_g = torch.zeros(b, h_kv, chunks * n_slots, dv_dim, dtype=torch.float32,
+                           device=v.device)
+        module.attn_bwd_dkdv_gather_kernel[(plan.gather.num_tiles * b * h_kv, chunks)](
             q, k, v, do, lse, delta, dk_g, dv_g, *tensors, aux, gather, kbias, *front,
             dk_g.stride(0), dk_g.stride(1), dk_g.stride(2),
             dv_g.stride(0), dv_g.stride(1), dv_g.stride(2),
             0, 0, 0, 0, 0, b * h_kv, LIST_GROUP=1, **launch,
         )
+        dk_g = dk_g.view(b, h_kv, chunks, n_slots, d).sum(2)
+        dv_g = dv_g.view(b, h_kv, chunks, n_slots, dv_dim).sum(2)
         slots = (plan.gather.tokens >= 0).nonzero().squeeze(1).to(k.device)
         keys = gather.long()[slots]
         dk.index_copy_(2, keys, (dk.index_select(2, keys).float()

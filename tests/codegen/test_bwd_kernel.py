@@ -55,3 +55,16 @@ def test_dq_kernel_writes_delta() -> None:
     out, lse = attn_fwd(q, k, v, plan)
     _, delta = attn_bwd_dq(do, q, k, v, out, lse, plan, scale=0.25)
     torch.testing.assert_close(delta, (do * out).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_keys_split_into_chunks() -> None:
+    """stripes-gathered's gathered dK/dV programs split its 7 Q tiles into 3 chunks (their
+    gradients are checked against the reference by test_dq_on_its_own_tiles_matches_reference
+    and tests/test_attention.py)."""
+    from spcompile.codegen.bwd import gather_chunks
+
+    pattern, sq, skv, qt, kt = CASES["stripes-gathered"]
+    plan = build_plan(pattern, sq, skv, qt, kt)
+    assert plan.num_q_tiles == 7 and gather_chunks(plan, bhk=4, sms=4) == 3
+    assert gather_chunks(plan, bhk=4, sms=1) == 2  # 8 programs wanted
+    assert gather_chunks(plan, bhk=64, sms=4) == 1  # 64 programs already
