@@ -7,7 +7,7 @@
 
 delta used to be a torch expression before both kernels: (dO.float() * O.float()).sum(-1)
 writes and reads three fp32 copies of a [B, H, S, D] tensor, 0.62 ms at S = 16k on the H100
-(as long as 70% of the dQ kernel), where the dQ kernel gets it from one more tile load.
+(52-92% as long as the dQ kernel itself), where the dQ kernel gets it from one more tile load.
 The kernels share nothing else: ``attn_bwd_dq`` and ``attn_bwd_dkdv`` run apart, on plans of
 their own tiles if asked (``benchmarks/tune.py --bwd`` times them so; 64/64 stayed best).
 
@@ -296,7 +296,7 @@ def gather_chunks(plan: TilePlan, bhk: int, sms: int) -> int:
     all of them: vert16k's 96 programs ran 256 steps each after the main kernel, on fewer
     programs than the H100 has SMs. Split into chunks until there are about four waves of two
     programs per SM, keeping at least two Q tiles per chunk; the fp32 buffer grows by the
-    number of chunks (vert16k: 11, 35 MB).
+    number of chunks (vert16k: 11 chunks, 69 MB for dK and dV).
     """
     assert plan.gather is not None
     programs = plan.gather.num_tiles * bhk
