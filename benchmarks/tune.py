@@ -41,6 +41,15 @@ from spcompile.plan.topk import block_lists, estimate_blocks
 from spcompile.timing import interleaved_ms, median_ms
 
 
+def _tiles(row, mq: int, mk: int):
+    """(q_tile, kv_tile) of ``mq`` Q and ``mk`` KV tokens for a row: runs in 1-D, the boxes
+    visiting the fewest tile-equivalents on a grid."""
+    s = row.seq_len
+    if grid_of(row.pattern) is None:
+        return (mq,), (mk,)
+    return best_boxes(row.pattern, s, s, mq, mk)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="blk16k,sw32k,na2d31,na3d,hunyuan_gna")
@@ -74,10 +83,7 @@ def main() -> None:
         q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         sdpa = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
         for (mq, mk), cfg in itertools.product(sizes, configs):
-            if grid_of(row.pattern) is None:
-                qt, kt = (mq,), (mk,)
-            else:
-                qt, kt = best_boxes(row.pattern, s, s, mq, mk)
+            qt, kt = _tiles(row, mq, mk)
             plan = build_plan(row.pattern, s, s, qt, kt)
             try:
                 out, _ = attn_fwd(q, k, v, plan, config=cfg)
@@ -236,13 +242,6 @@ DKDV_VARIANTS = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 8, 
                  (64, 128, 8, 2), (32, 64, 4, 3)]
 
 
-def _tiles(row, mq: int, mk: int):
-    s = row.seq_len
-    if grid_of(row.pattern) is None:
-        return (mq,), (mk,)
-    return best_boxes(row.pattern, s, s, mq, mk)
-
-
 def tune_bwd(rows, out_path: str) -> None:
     """The two backward kernels timed apart, each over its own tiles and launch configs
     (``DQ_VARIANTS``, ``DKDV_VARIANTS``). Each variant's gradient is checked against the first
@@ -254,7 +253,11 @@ def tune_bwd(rows, out_path: str) -> None:
         s = row.seq_len
         q, k, v, do, out, lse, sdpa, fwd_ms, _ = _backward_inputs(row)
         scale = 1.0 / D ** 0.5
-        torch_delta_ms = median_ms(lambda do=do, out=out: (do.float() * out.float()).sum(-1))
+        def torch_delta(do=do, out=out):
+            return (do.float() * out.float()).sum(-1)
+
+        torch_delta_ms = median_ms(torch_delta)
+        delta = torch_delta()  # the dK/dV variants' input: it does not depend on tiles
         best = {}
         for kind, variants in (("dq", DQ_VARIANTS), ("dkdv", DKDV_VARIANTS)):
             ref = None
@@ -265,7 +268,6 @@ def tune_bwd(rows, out_path: str) -> None:
                 if kind == "dq":
                     fn = functools.partial(attn_bwd_dq, do, q, k, v, out, lse, plan, scale, cfg)
                 else:
-                    _, delta = attn_bwd_dq(do, q, k, v, out, lse, plan, scale)
                     fn = functools.partial(attn_bwd_dkdv, do, q, k, v, lse, delta, plan, scale,
                                            cfg)
                 try:
@@ -309,8 +311,7 @@ def tune_bwd_orders(rows, out_path: str) -> None:
         pairs = [(128, 64), (64, 128), (128, 128), (64, 64)]
         variants = [(default, False), (default, True)]
         for mq, mk in pairs:
-            tiles = (((mq,), (mk,)) if grid_of(row.pattern) is None
-                     else best_boxes(row.pattern, s, s, mq, mk))
+            tiles = _tiles(row, mq, mk)
             if tiles != default:
                 variants.append((tiles, True))
         ref = None

@@ -40,7 +40,6 @@ from .fwd import (
     check_tiles,
     fwd_loops,
     item_split,
-    kernel_name,
     key_bias_arg,
     key_bias_lines,
     kv_source_lines,
@@ -49,6 +48,7 @@ from .fwd import (
     num_sms,
     padded_dim,
     step_mask,
+    variant_name,
 )
 
 if TYPE_CHECKING:
@@ -303,21 +303,16 @@ def gather_chunks(plan: TilePlan, bhk: int, sms: int) -> int:
     return max(1, min(plan.num_q_tiles // 2, -(-8 * sms // programs)))
 
 
-def _module_name(plan: TilePlan, kind: str, bias: bool, head_major: bool) -> str:
-    return kernel_name(plan, kind) + ("-keybias" if bias else "") + (
-        "-headmajor" if head_major else "")
-
-
 @functools.lru_cache(maxsize=256)
 def _dq_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
     """Generated once per plan and variant (see fwd._fwd_module)."""
-    return load_source(_module_name(plan, "bwd-dq", bias, head_major),
+    return load_source(variant_name(plan, "bwd-dq", keybias=bias, headmajor=head_major),
                        dq_source(plan, bias, head_major))
 
 
 @functools.lru_cache(maxsize=256)
 def _dkdv_module(plan: TilePlan, bias: bool = False, head_major: bool = False) -> Any:
-    return load_source(_module_name(plan, "bwd-dkdv", bias, head_major),
+    return load_source(variant_name(plan, "bwd-dkdv", keybias=bias, headmajor=head_major),
                        dkdv_source(plan, bias, head_major))
 
 

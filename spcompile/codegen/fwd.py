@@ -133,6 +133,11 @@ def kernel_name(plan: TilePlan, kind: str) -> str:
     return f"{kind}-{plan.pattern.kind}-{grid}-{tiles}"
 
 
+def variant_name(plan: TilePlan, kind: str, **flags: bool) -> str:
+    """A generated module's name: ``kernel_name`` plus every flag that is on, in order."""
+    return kernel_name(plan, kind) + "".join(f"-{k}" for k, on in flags.items() if on)
+
+
 def kv_source_lines(plan: TilePlan, source: str) -> list[str]:
     """Lines defining k_tok, k_ok and kx* for the KV tile of this step.
 
@@ -548,9 +553,8 @@ def _fwd_module(plan: TilePlan, tma: bool, persistent: bool = False, bias: bool 
     """The compiled module of a plan, generated once (regenerating and hashing the source on
     every call cost ~0.3 ms of host time per call on the H100 machine). The name says which
     variant; the file's hash covers its source as well."""
-    flags = {"tma": tma, "persistent": persistent, "keybias": bias, "box": box,
-             "headmajor": head_major}
-    name = kernel_name(plan, "fwd") + "".join(f"-{k}" for k, on in flags.items() if on)
+    name = variant_name(plan, "fwd", tma=tma, persistent=persistent, keybias=bias, box=box,
+                        headmajor=head_major)
     return load_source(name, fwd_source(plan, tma=tma, persistent=persistent, bias=bias, box=box,
                                         head_major=head_major))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import spcompile as sp
 from spcompile.codegen.cache import load_source
-from spcompile.codegen.fwd import LaunchConfig, default_config, fwd_source, kernel_name
+from spcompile.codegen.fwd import LaunchConfig, default_config, fwd_source, variant_name
 from spcompile.plan.tiles import TilePlan, build_plan
 
 HEAD_DIM = 128
@@ -35,8 +35,7 @@ def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name = (kernel_name(plan, "sm90") + ("-persistent" if persistent else "")
-            + ("-box" if box else ""))
+    name = variant_name(plan, "sm90", persistent=persistent, box=box)
     source = fwd_source(plan, tma=True, persistent=persistent, box=box)
     fn = load_source(name, source).attn_fwd_kernel
     const = {"H": 8, "H_KV": 8, "GROUP": 1, "LIST_GROUP": 1, "HEAD_DIM": HEAD_DIM,
