@@ -182,7 +182,10 @@ class Rejected:
 # --------------------------------------------------------------------------------------------
 # Module paths
 
-_ROOT = re.compile(r"^(?:[LG]\[(?:'[^']*'|\"[^\"]*\")\]|self)(?=\.|\[|$)")
+# The root: a local or global (``L['self']``), or the first positional argument of a wrapped
+# ``forward(*args)`` (``L['args'][0]``: transformers 5 decorates its models' forward so).
+_ROOT = re.compile(r"^(?:[LG]\[['\"]args['\"]\]\[0\]|[LG]\[(?:'[^']*'|\"[^\"]*\")\]|self)"
+                   r"(?=\.|\[|$)")
 _GETATTR = re.compile(r"getattr\(([^()]*?),\s*['\"]([^'\"]*)['\"]\)")
 _MODULES_ITEM = re.compile(r"\._modules\[['\"]([^'\"]*)['\"]\]")
 _ITEM = re.compile(r"\[(?:['\"]([^'\"]*)['\"]|(\d+))\]")
@@ -198,7 +201,8 @@ def normalize_module_path(raw: str) -> str:
     """The user's dotted module path from the one dynamo records in ``nn_module_stack``.
 
     ``L['self'].layers.0.self_attn``, ``L['self']._modules['layers']._modules['0'].self_attn``,
-    ``getattr(L['self'].layers, '0').self_attn`` and ``L['self'].layers[0].self_attn`` all give
+    ``getattr(L['self'].layers, '0').self_attn``, ``L['self'].layers[0].self_attn`` and
+    ``L['args'][0].layers.0.self_attn`` (a decorated ``forward(*args)``) all give
     ``layers.0.self_attn``; the root module gives ``""``. Mangled keys such as
     ``L__self___layers_0_self_attn`` lose their dots for good; the remainder is returned as is.
     """

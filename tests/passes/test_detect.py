@@ -163,6 +163,7 @@ def _seed() -> None:
     ("L['self'].blocks['video'].attn", "blocks.video.attn"),
     ("L['model'].encoder.layer.1.attention.self", "encoder.layer.1.attention.self"),
     ("L['self']", ""),
+    ("L['args'][0].layers.1.self_attn", "layers.1.self_attn"),  # forward(*args), wrapped
     ("self.h.2.attn", "h.2.attn"),
     ("L__self___layers_0_self_attn", "layers_0_self_attn"),
 ])
