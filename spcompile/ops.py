@@ -122,9 +122,9 @@ def attention_forward(
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
-        from .codegen.fwd import attn_fwd
+        from .codegen.launch import forward
 
-        return attn_fwd(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
+        return forward(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
     return blockwise_attention(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
 
 

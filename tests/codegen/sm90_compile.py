@@ -1,14 +1,15 @@
 """Compile forward kernels for sm_90 (H100) without a GPU and print what they need, as JSON.
 
-    python tests/codegen/sm90_compile.py [--both]   # with TRITON_INTERPRET unset
+    python tests/codegen/sm90_compile.py [--both | --gluon]   # with TRITON_INTERPRET unset
 
 Run as a separate process by test_persistent.py: the test process runs Triton's interpreter,
 which never compiles. Triton's NVIDIA backend lowers to PTX and runs its bundled ptxas on any
 machine, so a CPU session can check that a kernel compiles for Hopper with TMA and how much
 shared memory one program takes (what decides whether it launches, and how many fit on an SM).
 Compiles the persistent kernel at the default launch config of a 128x64-tile and a
-128x128-tile plan (``--both``: the one-item kernel too, ~10 s more). Exit status 3: no NVIDIA
-backend here (the test skips).
+128x128-tile plan (``--both``: the one-item kernel too, ~10 s more). ``--gluon``: the
+warp-specialized Hopper kernel (``codegen.sm90``) of a 1-D, a 2-D and a 3-D plan instead.
+Exit status 3: no NVIDIA backend here (the test skips).
 """
 
 from __future__ import annotations
@@ -63,11 +64,53 @@ def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[
             "tma_ops": kernel.asm["ptx"].count("cp.async.bulk.tensor")}
 
 
+def compile_gluon(plan: TilePlan) -> dict[str, Any]:
+    """The sm_90 build of ``codegen.sm90``'s kernel (bf16, head dim 128): shared bytes, TMA
+    copies and warpgroup MMAs in its PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from spcompile.codegen.sm90 import half_box, sm90_source, stages_for, swizzle_bytes
+
+    fn = load_source(variant_name(plan, "sm90"), sm90_source(plan)).attn_fwd_sm90
+    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
+    half, kv = [*lead, *half_box(plan.q_layout), HEAD_DIM], [*lead, *plan.kv_layout.tile, HEAD_DIM]
+    boxes = {"QD": half, "KD": kv, "VD": kv, "OD": half}
+    const = {"BLOCK_N": plan.kv_layout.tile_size, "BLOCK_D": HEAD_DIM,
+             "SWIZZLE": swizzle_bytes(HEAD_DIM, 2), "STAGES": stages_for(plan, HEAD_DIM, 2)}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in const:
+            signature[arg] = "constexpr"
+        elif arg in boxes:
+            layout = gl.NVMMASharedLayout(swizzle_byte_width=const["SWIZZLE"],
+                                          element_bitwidth=16, rank=len(boxes[arg]))
+            signature[arg] = f"tensordesc<bf16[{','.join(map(str, boxes[arg]))}],{layout!r}>"
+        else:
+            signature[arg] = _POINTERS.get(arg, "*i32" if arg in _LISTS else "i32")
+    source = GluonASTSource(fn=fn, signature=signature,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    return {"plan": variant_name(plan, "sm90"), "stages": const["STAGES"],
+            "shared": kernel.metadata.shared, "tma_ops": ptx.count("cp.async.bulk.tensor"),
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg")}
+
+
 def main() -> None:
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         sys.exit(3)
+    if "--gluon" in sys.argv:
+        plans = [build_plan(sp.Sliding(window=1000, causal=True), 4096, 4096),
+                 build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384),
+                 build_plan(sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
+                                            stride=(16, 8, 8)), 115200, 115200)]
+        print(json.dumps([compile_gluon(plan) for plan in plans]))
+        return
     plans = [build_plan(sp.Sliding(left=1024, right=1024), 16384, 16384),  # 128x64 tiles
              build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384)]  # 128x128
     variants = (False, True) if "--both" in sys.argv else (True,)

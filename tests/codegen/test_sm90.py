@@ -1,0 +1,132 @@
+"""The warp-specialized Hopper forward (``codegen.sm90``): which calls it takes, that it lowers
+for sm_90 on any machine, and on a Hopper GPU that it matches the float64 reference.
+
+The GPU cases use 128-token Q tiles (the kernel's only Q tile) on sizes that are no multiple of
+the tiles: 1-D sliding (causal, decode-shaped with Sq < Skv), blocked, 2-D and 3-D
+neighborhoods on odd grids (strided, causal), GQA, head dims 32 to 128, fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spcompile as sp
+from spcompile.codegen import launch
+from spcompile.codegen.sm90 import attn_fwd_sm90, half_box, half_coords, sm90_eligible
+from spcompile.plan.tiles import build_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+# name: (pattern, q_len, kv_len, heads, kv_heads, head dim)
+CASES = {
+    "sliding-odd-gqa": (sp.Sliding(left=300, right=200), 1000, 1000, 4, 2, 128),
+    "sliding-causal": (sp.Sliding(window=700, causal=True), 2100, 2100, 2, 1, 64),
+    "sliding-decode": (sp.Sliding(left=500, right=0), 200, 1300, 2, 2, 72),
+    "blocked": (sp.Blocked(block=512), 3000, 3000, 2, 2, 128),
+    "na2d-17x23": (sp.Neighborhood(shape=(17, 23), window=7), 391, 391, 2, 1, 128),
+    "na2d-stride": (sp.Neighborhood(shape=(40, 50), window=(9, 13), stride=(2, 4)), 2000, 2000,
+                    3, 3, 32),
+    "na3d-odd": (sp.Neighborhood(shape=(5, 17, 23), window=(3, 5, 7)), 1955, 1955, 2, 2, 128),
+    "na3d-causal": (sp.Neighborhood(shape=(6, 16, 16), window=(3, 5, 5), causal=(True, False,
+                                                                                False)),
+                    1536, 1536, 2, 1, 96),
+}
+
+
+def _inputs(case: str, dtype: torch.dtype, device: str = "cuda"):
+    pattern, sq, skv, h, hk, d = CASES[case]
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    make = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype)
+    return pattern, make(2, h, sq, d), make(2, hk, skv, d), make(2, hk, skv, d)
+
+
+def test_half_boxes_split_the_first_long_axis() -> None:
+    """Each consumer stores the first or second 64 rows of the Q tile: half of its first axis
+    longer than 1 (a box's tokens are its rows in row-major order)."""
+    one = build_plan(sp.Sliding(left=9, right=9), 4096, 4096).q_layout
+    assert half_box(one) == (64,)
+    assert half_coords(one, "HALF") == "[b, h, tile * 128 + HALF * 64, 0]"
+    nd = build_plan(sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24), stride=(16, 8, 8)),
+                    115200, 115200).q_layout
+    assert nd.tile == (2, 8, 8) and half_box(nd) == (1, 8, 8)
+    assert "% 15) * 2 + half * 1," in half_coords(nd, "half")
+
+
+def test_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel takes: static plans without gathered keys or block matrices, 16-bit
+    inputs, head dims up to 128, no key bias; everything else stays on the Triton kernel."""
+    q = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    plan = build_plan(sp.Sliding(left=100, right=100), 4096, 4096)
+    assert sm90_eligible(plan, q, q, None)
+    assert not sm90_eligible(plan, q.float(), q.float(), None)
+    assert not sm90_eligible(plan, q, q, torch.zeros(1, 4096))
+    wide = torch.empty(1, 2, 4096, 192, dtype=torch.bfloat16)
+    assert not sm90_eligible(plan, wide, wide, None)
+    gathered = build_plan(sp.Sliding(left=64, right=64) | sp.Global(every=64), 4096, 4096)
+    assert gathered.gather is not None and not sm90_eligible(gathered, q, q, None)
+    assert not sm90_eligible(build_plan(sp.Sliding(left=9, right=9), 4096, 4096, 64, 64), q, q,
+                             None)
+    # Off CUDA (and with SPCOMPILE_SM90=0 anywhere) the Triton kernel runs.
+    assert launch.forward_kernel(plan, q, q) == "triton"
+    monkeypatch.setenv("SPCOMPILE_SM90", "0")
+    assert launch.forward_kernel(plan, q, q) == "triton"
+
+
+def test_lowers_for_sm90() -> None:
+    """The generated Gluon kernel of a 1-D, a 2-D and a 3-D plan compiles for Hopper on any
+    machine (Triton's bundled ptxas): one producer and two consumers with their register
+    budgets, TMA copies, warpgroup MMAs, and at most 227 KiB of shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")),
+                          "--gluon"], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode == 3:
+        pytest.skip("no Triton NVIDIA backend")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for built in json.loads(run.stdout.splitlines()[-1]):
+        assert built["tma_ops"] > 0 and built["wgmma"] > 0 and built["setmaxnreg"] > 0, built
+        assert built["shared"] <= 227 * 1024, built
+        assert built["stages"] >= 3, built
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case: str, dtype: torch.dtype) -> None:
+    pattern, q, k, v = _inputs(case, dtype)
+    plan = build_plan(pattern, q.shape[2], k.shape[2])
+    assert launch.forward_kernel(plan, q, v) == "sm90", "the case must run the Gluon kernel"
+    result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5)
+    assert result is not None
+    out, lse = result
+    ref, ref_lse = sp.reference_attention(q.double(), k.double(), v.double(), pattern,
+                                          return_lse=True)
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), f"rel err {err:.2e}"
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all()
+    torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_gradients_through_the_gluon_forward() -> None:
+    """sparse_attention's backward reads the Gluon forward's output and LSE."""
+    pattern, q, k, v = _inputs("na3d-odd", torch.bfloat16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    plan = build_plan(pattern, q.shape[2], k.shape[2])
+    assert launch.forward_kernel(plan, q, v) == "sm90"
+    do = torch.randn_like(q)
+    sp.sparse_attention(q, k, v, pattern).backward(do)
+    grads = [x.grad.double() for x in (q, k, v)]
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    sp.reference_attention(*ref, pattern).backward(do.double())
+    for got, want in zip(grads, (x.grad for x in ref), strict=True):
+        assert float((got - want).norm() / want.norm()) < 2e-2
