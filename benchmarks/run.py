@@ -31,6 +31,7 @@ from suite import Row, held_out, suite
 
 import spcompile as sp
 from spcompile.codegen.fwd import attn_fwd
+from spcompile.codegen.launch import forward, forward_kernel
 from spcompile.plan.tiles import allowed_pairs, build_plan
 from spcompile.plan.topk import block_lists, estimate_blocks, selected_pairs
 from spcompile.sim import simulate
@@ -153,7 +154,15 @@ def ours_fn(row: Row, q, k, v):
     if isinstance(row.pattern, (sp.TopK, sp.PerHead)):
         return lambda: sp.sparse_attention(q, k, v, row.pattern)
     plan = build_plan(row.pattern, row.seq_len, row.seq_len)
-    return lambda: attn_fwd(q, k, v, plan)
+    return lambda: forward(q, k, v, plan)
+
+
+def kernel_of(row: Row, q, v) -> str:
+    """Which forward kernel ``ours_fn`` runs ("sm90" or "triton"; TopK and PerHead: see
+    ``codegen.launch``, reported as the default)."""
+    if isinstance(row.pattern, (sp.TopK, sp.PerHead)):
+        return "triton"
+    return forward_kernel(build_plan(row.pattern, row.seq_len, row.seq_len), q, v)
 
 
 def run_row(row: Row, args) -> dict:
@@ -188,11 +197,20 @@ def run_row(row: Row, args) -> dict:
         if row.structured:
             qs, ks = structured_qk(s)
             res["kept_mass_structured"] = kept_mass(row, qs, ks, v)
-    rounds = interleaved_ms({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                             "ours": fn})
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "ours": fn}
+    res["kernel"] = kernel_of(row, q, v)
+    if res["kernel"] == "sm90":  # the Triton kernel on the same inputs, in the same rounds
+        plan = build_plan(row.pattern, s, s)
+        fns["triton"] = lambda: attn_fwd(q, k, v, plan)
+        fns["triton"]()
+    rounds = interleaved_ms(fns)
     sdpa_ms, ours_ms = (statistics.median(rounds[name]) for name in ("sdpa", "ours"))
     res.update(sdpa_ms=sdpa_ms, ours_ms=ours_ms, speedup=sdpa_ms / ours_ms,
                sdpa_rounds_ms=rounds["sdpa"], ours_rounds_ms=rounds["ours"])
+    if "triton" in rounds:
+        res["triton_ms"] = statistics.median(rounds["triton"])
+        res["triton_speedup"] = sdpa_ms / res["triton_ms"]
+        res["triton_rounds_ms"] = rounds["triton"]
     res["prediction_error"] = res["predicted_speedup"] / res["speedup"] - 1
     dense_flops = 4 * B * H * s * s * D
     res["sdpa_tflops"] = dense_flops / sdpa_ms / 1e9
@@ -273,7 +291,9 @@ def main() -> None:
               + (f"  est {r['estimation_ms']:.2f} lists {r['lists_ms']:.2f} kernel "
                  f"{r['kernel_ms']:.2f} ms kept {r['kept_mass_random']['kept']:.3f}"
                  f"/{r.get('kept_mass_structured', {}).get('kept', float('nan')):.3f}"
-                 if "estimation_ms" in r else ""))
+                 if "estimation_ms" in r else "")
+              + (f"  [{r['kernel']}; triton {r['triton_speedup']:.2f}x]"
+                 if "triton_speedup" in r else ""))
 
 
 if __name__ == "__main__":
