@@ -70,7 +70,8 @@ HOST_BOUND = 1.25
 
 @dataclass(frozen=True)
 class Measurement:
-    """One timed launch of our forward kernel (and SDPA at the same size when known)."""
+    """One timed launch of our forward kernel (and SDPA at the same size when known);
+    ``specialized``: of the warp-specialized Hopper kernel (``codegen.sm90``)."""
 
     id: str
     pattern: Pattern
@@ -82,6 +83,7 @@ class Measurement:
     ms: float
     sdpa_ms: float | None = None
     source: str = ""
+    specialized: bool = False
 
     @property
     def key(self) -> LaunchKey:
@@ -90,14 +92,15 @@ class Measurement:
     @property
     def label(self) -> str:
         tiles = "x".join(map(str, self.q_tile)) + "/" + "x".join(map(str, self.kv_tile))
-        return f"{self.id} {tiles} w{self.warps}s{self.stages}"
+        return f"{self.id} {tiles} w{self.warps}s{self.stages}" + " ws" * self.specialized
 
     def plan(self) -> TilePlan:
         return build_plan(self.pattern, self.problem.q_len, self.problem.kv_len, self.q_tile,
                           self.kv_tile)
 
     def workload(self) -> Workload:
-        return workload_from_plan(self.plan(), self.problem, self.warps, self.stages)
+        return workload_from_plan(self.plan(), self.problem, self.warps, self.stages,
+                                  self.specialized)
 
     @property
     def measured_speedup(self) -> float | None:
@@ -210,6 +213,11 @@ def load_results(
                                    f"{float(recorded):.2f} then, {now:.2f} now)")
                     continue
             out.append(m)
+            if m.specialized and row.get("triton_ms") is not None:
+                # benchmarks/run.py times the Triton kernel on the same inputs, same rounds.
+                base = _measurement({**row, "kernel": "triton", "ours_ms": row["triton_ms"]},
+                                    known, env_problem, "default", path.name)
+                out.append(base)
     return out, skipped
 
 
@@ -270,6 +278,13 @@ def _measurement(row: dict[str, Any], known: dict[str, tuple[Pattern, int]],
     warps, stages = row.get("warps"), row.get("stages")
     q_tile, kv_tile = _tile(_first(row, "q_tile", "q")), _tile(_first(row, "kv_tile", "kv"))
     q_len = int(seq_len)
+    specialized = row.get("kernel") == "sm90"
+    if specialized:
+        from ..codegen import sm90
+
+        plan = build_plan(pattern, q_len, q_len, q_tile, kv_tile)
+        warps = sm90.WARPS
+        stages = sm90.launch_stages(plan, int(problem_values["head_dim"]))
     if warps is None or stages is None:
         if launch is None:
             raise KeyError("no warps/stages recorded (pass --launch WxS or --launch default)")
@@ -293,7 +308,7 @@ def _measurement(row: dict[str, Any], known: dict[str, tuple[Pattern, int]],
     return Measurement(
         id=rid, pattern=pattern, problem=problem,
         q_tile=q_tile, kv_tile=kv_tile, warps=int(warps), stages=int(stages), ms=float(ms),
-        sdpa_ms=None if sdpa is None else float(sdpa), source=source,
+        sdpa_ms=None if sdpa is None else float(sdpa), source=source, specialized=specialized,
     )
 
 

@@ -70,29 +70,36 @@ def user_profile_dir() -> Path:
 @dataclass(frozen=True)
 class LaunchKey:
     """One launch configuration of the forward kernel: tile volumes, warps, pipeline stages,
-    and whether tiles are boxes of an N-d grid (``permuted``: loads through the token layout,
-    2-D/3-D TMA boxes), which runs at its own efficiency."""
+    whether tiles are boxes of an N-d grid (``permuted``: loads through the token layout,
+    2-D/3-D TMA boxes), and whether it is the warp-specialized Hopper kernel (``specialized``:
+    ``codegen.sm90``, 12 warps: two consumer warpgroups and a producer); each runs at its own
+    efficiency."""
 
     q_tokens: int
     kv_tokens: int
     warps: int
     stages: int
     permuted: bool = False
+    specialized: bool = False
 
     def __str__(self) -> str:
         text = f"q{self.q_tokens}-kv{self.kv_tokens}-w{self.warps}-s{self.stages}"
-        return text + "-nd" if self.permuted else text
+        return text + "-ws" * self.specialized + "-nd" * self.permuted
 
     @classmethod
     def parse(cls, text: str) -> LaunchKey:
         try:
             parts = text.split("-")
-            permuted = parts[-1] == "nd"
-            q, kv, w, s = parts[:-1] if permuted else parts
-            return cls(int(q[1:]), int(kv[2:]), int(w[1:]), int(s[1:]), permuted)
+            q, kv, w, s = parts[:4]
+            flags = parts[4:]
+            if flags not in ([], ["ws"], ["nd"], ["ws", "nd"]):
+                raise ValueError(text)
+            return cls(int(q[1:]), int(kv[2:]), int(w[1:]), int(s[1:]), "nd" in flags,
+                       "ws" in flags)
         except ValueError:
             raise ValueError(f"expected a launch key like 'q128-kv64-w4-s2' (N-d tiles: "
-                             f"'q128-kv128-w8-s3-nd'), got {text!r}") from None
+                             f"'q128-kv128-w8-s3-nd'; the warp-specialized kernel: "
+                             f"'q128-kv64-w12-s4-ws'), got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,7 @@ class KernelCoefficients:
 
     def efficiency_for(self, key: LaunchKey) -> tuple[float, str | None]:
         """(efficiency, note): exact when fitted; else the same launch on the other layout kind;
-        else the nearest fitted launch (tile volume, then warps, then stages)."""
+        else the nearest fitted launch (same kernel, then tile volume, warps, stages)."""
         text = str(key)
         if text in self.efficiency:
             return self.efficiency[text], None
@@ -141,9 +148,10 @@ class KernelCoefficients:
             return self.efficiency[other], (f"launch {text} was never measured: using the "
                                             f"efficiency of {other}")
 
-        def distance(candidate: str) -> tuple[int, int, int, int]:
+        def distance(candidate: str) -> tuple[int, int, int, int, int]:
             k = LaunchKey.parse(candidate)
-            return (abs((k.q_tokens * k.kv_tokens).bit_length()
+            return (int(k.specialized != key.specialized),
+                    abs((k.q_tokens * k.kv_tokens).bit_length()
                         - (key.q_tokens * key.kv_tokens).bit_length()),
                     abs(k.warps - key.warps), abs(k.stages - key.stages),
                     int(k.permuted != key.permuted))
@@ -202,6 +210,7 @@ class Profile:
     launch_us: float
     kernel: KernelCoefficients
     calibrated: bool
+    wgmma: bool = False  # Hopper's warpgroup MMA: the warp-specialized kernel runs here
     kernel_from: str | None = None
     aliases: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name() it describes
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # measured GEMM rates
@@ -260,6 +269,7 @@ class Profile:
                 "smem_per_sm_kb": self.smem_per_sm_kb,
                 "max_warps_per_sm": self.max_warps_per_sm,
                 "launch_us": self.launch_us,
+                "wgmma": self.wgmma,
             },
             "aliases": list(self.aliases),
             "sources": self.sources,
@@ -319,6 +329,7 @@ def _from_dict(tree: dict[str, Any], path: str | None) -> Profile:
             launch_us=float(hw["launch_us"]),
             kernel=kernel,
             calibrated=bool(tree.get("calibrated", False)) and kernel_from is None,
+            wgmma=bool(hw.get("wgmma", False)),
             kernel_from=kernel_from,
             aliases=tuple(str(a) for a in tree.get("aliases", ())),
             matmul_tflops={k: float(v) for k, v in hw.get("matmul_tflops", {}).items()},

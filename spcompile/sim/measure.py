@@ -55,6 +55,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
     import torch.nn.functional as F
 
     from ..codegen.fwd import attn_fwd, default_config
+    from ..codegen.launch import forward, forward_kernel, wgmma_device
 
     if not torch.cuda.is_available():
         raise RuntimeError("calibrate needs a CUDA GPU (or --from-results FILE)")
@@ -67,6 +68,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
     smem = getattr(props, "shared_memory_per_multiprocessor", 0)
     if smem:
         hw["smem_per_sm_kb"] = smem / 1024
+    hw["wgmma"] = wgmma_device(dev.index)
     threads = getattr(props, "max_threads_per_multi_processor", 0)
     if threads:
         hw["max_warps_per_sm"] = threads // 32
@@ -149,6 +151,12 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
         rows.append(row)
         say(f"  {rid:12s} q {plan.q_tile} kv {plan.kv_tile} w{config.num_warps}"
             f"s{config.num_stages}: {ms:.3f} ms ({row['speedup']:.2f}x over SDPA)")
+        if forward_kernel(plan, q, v) == "sm90":  # what calls of this plan run here
+            ws_ms = median_ms(lambda q=q, k=k, v=v, p=plan: forward(q, k, v, p))
+            rows.append({**row, "kernel": "sm90", "ms": ws_ms, "speedup": sdpa_at[s] / ws_ms,
+                         "warps": None, "stages": None})
+            say(f"  {rid:12s} warp-specialized: {ws_ms:.3f} ms "
+                f"({sdpa_at[s] / ws_ms:.2f}x over SDPA)")
         del q, k, v
         torch.cuda.empty_cache()
     return hw, rows
@@ -178,5 +186,6 @@ def profile_from_measurements(hw: dict[str, Any], base: Profile | None, name: st
                              (template.smem_per_sm_kb if template else 228)),
         max_warps_per_sm=int(hw.get("max_warps_per_sm") or 64),
         launch_us=float(hw["launch_us"]), kernel=kernel, calibrated=True,
+        wgmma=bool(hw.get("wgmma", False)),
         aliases=(hw["name"],), matmul_tflops=dict(hw["matmul_tflops"]), sources=sources,
     )

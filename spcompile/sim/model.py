@@ -132,8 +132,10 @@ def _hbm_bytes(problem: Problem) -> float:
     return float(q_o + k_v + lse)
 
 
-def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int) -> Workload:
-    """The launch ``codegen.fwd.attn_fwd`` makes for this plan (schedule order, gather tiles)."""
+def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int,
+                       specialized: bool = False) -> Workload:
+    """The launch ``codegen.fwd.attn_fwd`` (``specialized``: ``codegen.sm90.attn_fwd_sm90``)
+    makes for this plan (schedule order, gather tiles)."""
     order = plan.schedule.long()
     gathered = plan.gather.num_tiles if plan.gather is not None else 0
     return Workload(
@@ -141,7 +143,7 @@ def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int
         partial=plan.part_cnt.long()[order] + gathered,
         copies=problem.batch * problem.heads,
         key=LaunchKey(plan.q_layout.tile_size, plan.kv_layout.tile_size, warps, stages,
-                      plan.permuted),
+                      plan.permuted, specialized),
         block_d=padded_dim(problem.head_dim),
         block_dv=padded_dim(problem.dv),
         elem_bytes=problem.elem_bytes,

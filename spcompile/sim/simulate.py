@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import torch
 
 from ..codegen.fwd import LaunchConfig, default_config
-from ..plan.tiles import allowed_pairs, build_plan, grid_of
+from ..plan.tiles import TilePlan, allowed_pairs, build_plan, grid_of
 from ..spec.patterns import Dense, Pattern, PerHead, TopK
 from .hardware import LaunchKey, Profile, dtype_name, load_profile
 from .model import (
     LaunchCost,
     Problem,
+    Workload,
     dense_sdpa_ms,
     launch_cost,
     workload_from_counts,
@@ -171,12 +172,27 @@ def _launch(plan_like, launch: tuple[int, int] | None) -> LaunchConfig:
     return LaunchConfig(*launch) if launch is not None else default_config(plan_like)
 
 
+def _workload(plan: TilePlan, problem: Problem, profile: Profile,
+              launch: tuple[int, int] | None) -> Workload:
+    """The launch a call of this plan makes: on a GPU with warpgroup MMA, the warp-specialized
+    kernel where ``codegen.sm90.in_scope`` takes the call (as ``codegen.launch.forward``
+    decides at run time); else the Triton kernel at ``launch`` or its default config."""
+    if launch is None and profile.wgmma:
+        from ..codegen import sm90
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(problem.dtype, torch.float32)
+        if sm90.in_scope(plan, dtype, problem.head_dim, problem.dv):
+            return workload_from_plan(plan, problem, sm90.WARPS,
+                                      sm90.launch_stages(plan, problem.head_dim), True)
+    config = _launch(plan, launch)
+    return workload_from_plan(plan, problem, config.num_warps, config.num_stages)
+
+
 def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileArg,
             kv_tile: TileArg, launch: tuple[int, int] | None) -> SimReport:
     plan = build_plan(pattern, problem.q_len, problem.kv_len, q_tile, kv_tile,
                       head_dim=problem.head_dim)
-    config = _launch(plan, launch)
-    work = workload_from_plan(plan, problem, config.num_warps, config.num_stages)
+    work = _workload(plan, problem, profile, launch)
     cost = launch_cost(work, profile, problem.dtype)
     pairs = allowed_pairs(pattern, problem.q_len, problem.kv_len)
     if plan.permuted:
