@@ -523,9 +523,8 @@ def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return []
-    views = [_grid_view(x, plan.q_layout.grid) for x in (q, k, v, out)]
-    if any(x is None or x.data_ptr() % 16
-           or any((st * x.element_size()) % 16 for st in x.stride()[:-1]) for x in views):
+    views = tma_views(plan, q, k, v, out)
+    if views is None:
         return []
     bd, bdv = padded_dim(q.shape[-1]), padded_dim(v.shape[-1])
     lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
@@ -533,6 +532,20 @@ def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -
     blocks = ([*lead, *qt, bd], [*lead, *kt, bd], [*lead, *kt, bdv], [*lead, *qt, bdv])
     return [TensorDescriptor(x, list(x.shape), list(x.stride()), blk)
             for x, blk in zip(views, blocks, strict=True)]
+
+
+def tma_views(plan: TilePlan, *xs: Tensor) -> list[Tensor] | None:
+    """Each [B, H, S, D] tensor as its descriptor's view (``_grid_view``), or None when one
+    cannot be viewed so or TMA cannot address it (base or a stride not 16-byte aligned, or the
+    last dimension not contiguous)."""
+    views = [_grid_view(x, plan.q_layout.grid) for x in xs]
+    out: list[Tensor] = []
+    for x in views:
+        if (x is None or x.data_ptr() % 16 or x.stride(-1) != 1
+                or any((st * x.element_size()) % 16 for st in x.stride()[:-1])):
+            return None
+        out.append(x)
+    return out
 
 
 def _grid_view(x: Tensor, grid: tuple[int, ...]) -> Tensor | None:

@@ -31,7 +31,8 @@ so the pipeline never drains between them. Token permutation is fused as in the 
 N-d tiles are boxes of the grid and load through N-d descriptors, whose shared-memory box is
 the [tile, D] operand the MMAs read.
 
-Scope (``in_scope``): static plans without a gather segment or block matrix, no key bias,
+Scope (``in_scope``): static plans without a gather segment or block matrix whose FULL tiles
+form boxes of the KV tile grid (``plan.full_box``; strided layouts do not), no key bias,
 fp16/bf16, equal Q/K and V head dims up to 128, 128-token Q tiles and 64- or 128-token KV
 tiles, every Q tile visiting at least one KV tile. Every other call runs the Triton kernel
 (``fwd.attn_fwd``), which stays the reference for this one; ``codegen.launch`` decides.
@@ -50,7 +51,14 @@ from ..plan.layout import TokenLayout
 from ..plan.tiles import TilePlan
 from .cache import load_source
 from .emit import layout_code, mask_expr, needs_aux
-from .fwd import box_tile_lines, padded_dim, tma_coords, tma_eligible, variant_name
+from .fwd import (
+    box_tile_lines,
+    padded_dim,
+    tma_coords,
+    tma_eligible,
+    tma_views,
+    variant_name,
+)
 
 _TEMPLATE = '''
 from triton.experimental import gluon
@@ -336,9 +344,11 @@ def stages_for(plan: TilePlan, block_d: int, element_bytes: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _plan_ok(plan: TilePlan) -> bool:
-    """Plan-side scope: static, no gather or block matrix, 128-row Q tiles, TMA boxes, and
+    """Plan-side scope: static, no gather or block matrix, FULL tiles that form boxes (the
+    loop computes them from its counter: ``plan.full_box``), 128-row Q tiles, TMA boxes, and
     every Q tile visits at least one KV tile (the loop's prologue assumes one)."""
     return (plan.pattern.static and plan.gather is None and needs_aux(plan.pattern) is None
+            and plan.full_box is not None
             and plan.q_layout.tile_size == 128 and plan.kv_layout.tile_size in (64, 128)
             and tma_eligible(plan) and bool(((plan.full_cnt + plan.part_cnt) > 0).all()))
 
@@ -377,18 +387,6 @@ def _module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90"), sm90_source(plan))
 
 
-def _views(plan: TilePlan, *xs: Tensor) -> list[Tensor] | None:
-    """[B, H, S, D] as the descriptors' [B, H, *grid, D] or [B*H, *grid, D] (see
-    ``fwd._grid_view``), or None when a view is impossible or misaligned for TMA."""
-    from .fwd import _grid_view
-
-    views = [_grid_view(x, plan.q_layout.grid) for x in xs]
-    if any(x is None or x.data_ptr() % 16 or x.stride(-1) != 1
-           or any((st * x.element_size()) % 16 for st in x.stride()[:-1]) for x in views):
-        return None
-    return views  # type: ignore[return-value]
-
-
 def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
                   stages: int | None = None) -> tuple[Tensor, Tensor] | None:
     """Run the Gluon forward; None when the tensors cannot be described for TMA (the caller
@@ -399,7 +397,7 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
-    views = _views(plan, q, k, v, out)
+    views = tma_views(plan, q, k, v, out)
     if views is None:
         return None
     bd = padded_dim(d)

@@ -74,6 +74,8 @@ def test_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gathered.gather is not None and not sm90_eligible(gathered, q, q, None)
     assert not sm90_eligible(build_plan(sp.Sliding(left=9, right=9), 4096, 4096, 64, 64), q, q,
                              None)
+    strided = build_plan(sp.Strided(stride=512, variant="fixed", summary=64), 4096, 4096)
+    assert strided.full_box is None and not sm90_eligible(strided, q, q, None)
     # Off CUDA (and with SPCOMPILE_SM90=0 anywhere) the Triton kernel runs.
     assert launch.forward_kernel(plan, q, q) == "triton"
     monkeypatch.setenv("SPCOMPILE_SM90", "0")
