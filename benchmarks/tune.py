@@ -1,13 +1,15 @@
 """Sweep tile sizes and launch configs of the forward kernel on a few suite rows.
 
-    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops]
+    python benchmarks/tune.py [--rows blk16k,na3d] [--bwd | --persistent | --loops | --sm90]
 
 ``--persistent``: at each row's default tiles and warps/stages, the one-item forward against the
 persistent one with 1 and 2 programs per SM, in one run (decides LaunchConfig.persistent and
 programs_per_sm). ``--loops``: the FULL loop reading its list against computing the plan's box,
 and the work items numbered rank-major against head-major (decides LaunchConfig.box_loops and
 head_major), then both at other warps/stages; with ``--bwd``, the backward's program order at
-its default tiles, then its other tile pairs head-major.
+its default tiles, then its other tile pairs head-major. ``--sm90``: the warp-specialized
+Hopper kernel at 64- and 128-token KV tiles and every ring depth that fits, against the Triton
+kernel at the default tiles (decides the KV tiles plan.choose should give the calls it runs).
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -59,12 +61,17 @@ def main() -> None:
                         help="one-item vs persistent forward (1 and 2 programs per SM)")
     parser.add_argument("--loops", action="store_true",
                         help="list vs box FULL loops x rank- vs head-major item order")
+    parser.add_argument("--sm90", action="store_true",
+                        help="warp-specialized kernel: KV tiles and ring depths")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
                         help="tile sweep: warps and stages, comma-separated")
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
+    if args.sm90:
+        tune_sm90(rows, args.out)
+        return
     if args.persistent or (args.loops and not args.bwd):
         tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
         return
@@ -183,6 +190,52 @@ def tune_variants(rows, make_variants, out_path: str) -> None:
             flush=True)
     if out_path:
         Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def tune_sm90(rows, out_path: str) -> None:
+    """The warp-specialized kernel (``codegen.sm90``) at 128-token Q tiles with 64- and
+    128-token KV tiles, at every ring depth from 3 to what fits, and the Triton kernel at the
+    row's default tiles: timed in three alternating rounds with SDPA, each output checked on
+    sampled float64 rows. Rows record ``kernel`` and ``stages`` as run.py's do, so
+    ``spcompile calibrate --from-results`` reads them."""
+    from spcompile.codegen.sm90 import attn_fwd_sm90, in_scope, stages_for
+
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        default_plan = build_plan(row.pattern, s, s)
+        fns = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+               "triton": functools.partial(attn_fwd, q, k, v, default_plan)}
+        variants = {"triton": ("triton", default_plan, default_config(default_plan).num_stages)}
+        for mk in (64, 128):
+            plan = build_plan(row.pattern, s, s, *_tiles(row, 128, mk))
+            if not in_scope(plan, q.dtype, D, D):
+                print(row.id, f"kv{mk}: outside the kernel's scope", flush=True)
+                continue
+            for stages in range(3, stages_for(plan, D, 2) + 1):
+                name = f"sm90-kv{mk}-s{stages}"
+                fns[name] = functools.partial(attn_fwd_sm90, q, k, v, plan, D**-0.5, stages)
+                variants[name] = ("sm90", plan, stages)
+        errors = {}
+        for name in variants:
+            out, _ = fns[name]()
+            errors[name] = sampled_error(row, q, k, v, out)
+        rounds = interleaved_ms(fns)
+        sdpa = statistics.median(rounds["sdpa"])
+        for name, (kernel, plan, stages) in variants.items():
+            ms = statistics.median(rounds[name])
+            res = {"id": row.id, "variant": name, "kernel": kernel, "q": plan.q_tile,
+                   "kv": plan.kv_tile, "stages": stages, "err": errors[name], "ms": ms,
+                   "rounds_ms": rounds[name], "sdpa_ms": sdpa, "sdpa_rounds_ms": rounds["sdpa"],
+                   "speedup": sdpa / ms, "tile_bound": plan.tile_bound,
+                   "of_tile_bound": sdpa / ms / plan.tile_bound}
+            if kernel == "triton":
+                res["warps"] = default_config(plan).num_warps
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        if out_path:  # after every row: a run cut short keeps what it measured
+            Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 def tune_topk(rows, out_path: str) -> None:

@@ -283,8 +283,8 @@ def _measurement(row: dict[str, Any], known: dict[str, tuple[Pattern, int]],
         from ..codegen import sm90
 
         plan = build_plan(pattern, q_len, q_len, q_tile, kv_tile)
-        warps = sm90.WARPS
-        stages = sm90.launch_stages(plan, int(problem_values["head_dim"]))
+        warps = sm90.WARPS  # a recorded ring depth (tune.py --sm90) else the launch's
+        stages = stages or sm90.launch_stages(plan, int(problem_values["head_dim"]))
     if warps is None or stages is None:
         if launch is None:
             raise KeyError("no warps/stages recorded (pass --launch WxS or --launch default)")

@@ -426,6 +426,24 @@ def test_load_results_skips_other_kernels_and_reads_tile_text(tmp_path):
     assert "head_major=False, not the kernel that runs by default" in text
 
 
+def test_load_results_reads_both_kernels(tmp_path):
+    """A run.py row of the warp-specialized kernel gives two measurements (it, and the Triton
+    kernel timed beside it); a tune.py --sm90 row keeps its recorded ring depth."""
+    base = {"pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q": [128], "kv": [64],
+            "sdpa_ms": 2.0}
+    rows = [dict(base, id="run", kernel="sm90", ours_ms=0.2, triton_ms=0.25),
+            dict(base, id="tune", kernel="sm90", stages=3, ms=0.21)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    got, skipped = load_results([path])
+    assert not skipped
+    assert [(m.id, m.specialized, m.ms) for m in got] == [
+        ("run", True, 0.2), ("run", False, 0.25), ("tune", True, 0.21)]
+    assert got[0].key == LaunchKey(128, 64, 12, 4, specialized=True)
+    assert got[1].key == LaunchKey(128, 64, 4, 2)  # the Triton kernel's default launch
+    assert got[2].key == LaunchKey(128, 64, 12, 3, specialized=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Predicted vs measured on the H100
 
