@@ -196,8 +196,8 @@ def tune_sm90(rows, out_path: str) -> None:
     """The warp-specialized kernel (``codegen.sm90``) at 128-token Q tiles with 64- and
     128-token KV tiles, at every ring depth from 3 to what fits, and the Triton kernel at the
     row's default tiles: timed in three alternating rounds with SDPA, each output checked on
-    sampled float64 rows. Rows record ``kernel`` and ``stages`` as run.py's do, so
-    ``spcompile calibrate --from-results`` reads them."""
+    sampled float64 rows. Rows record ``kernel`` (as run.py's do) and ``stages``, which
+    ``spcompile calibrate --from-results`` reads."""
     from spcompile.codegen.sm90 import attn_fwd_sm90, in_scope, stages_for
 
     results = []

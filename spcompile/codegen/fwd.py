@@ -527,11 +527,18 @@ def _descriptors(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -
     if views is None:
         return []
     bd, bdv = padded_dim(q.shape[-1]), padded_dim(v.shape[-1])
-    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
-    qt, kt = list(plan.q_layout.tile), list(plan.kv_layout.tile)
-    blocks = ([*lead, *qt, bd], [*lead, *kt, bd], [*lead, *kt, bdv], [*lead, *qt, bdv])
+    qt, kt = plan.q_layout.tile, plan.kv_layout.tile
+    blocks = (descriptor_box(plan, qt, bd), descriptor_box(plan, kt, bd),
+              descriptor_box(plan, kt, bdv), descriptor_box(plan, qt, bdv))
     return [TensorDescriptor(x, list(x.shape), list(x.stride()), blk)
             for x, blk in zip(views, blocks, strict=True)]
+
+
+def descriptor_box(plan: TilePlan, tile: tuple[int, ...], block_d: int) -> list[int]:
+    """A tile's TMA box over its tensor's ``_grid_view``: [1, 1, *tile, block_d], or
+    [1, *tile, block_d] on 3-D grids (batch and head merged)."""
+    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
+    return [*lead, *tile, block_d]
 
 
 def tma_views(plan: TilePlan, *xs: Tensor) -> list[Tensor] | None:

@@ -53,6 +53,7 @@ from .cache import load_source
 from .emit import layout_code, mask_expr, needs_aux
 from .fwd import (
     box_tile_lines,
+    descriptor_box,
     padded_dim,
     tma_coords,
     tma_eligible,
@@ -279,8 +280,8 @@ def sm90_source(plan: TilePlan) -> str:
         kv_coords=tma_coords(kv, "kv_tile", "hk", "H_KV"),
         q_coords=half_coords(q, "half"),
         o_coords=half_coords(q, "HALF"),
-        kv_ring=_shape("STAGES", kv.ndim, kv.tile),
-        q_halves=_shape("2", q.ndim, half_box(q)),
+        kv_ring=_shape("STAGES", plan, kv.tile),
+        q_halves=_shape("2", plan, half_box(q)),
         num_q_tiles=plan.num_q_tiles,
         n_part="gl.load(PART_CNT + tile)" if has_part else "0",
         q_layout=_gl(q_1d, 4),
@@ -291,11 +292,17 @@ def sm90_source(plan: TilePlan) -> str:
     )
 
 
-def _shape(lead: str, ndim: int, box: tuple[int, ...]) -> str:
-    """A stack of ``lead`` descriptor boxes as a shape: [lead, 1, 1, *box, BLOCK_D] (3-D grids
-    merge batch and head: [lead, 1, *box, BLOCK_D])."""
-    ones = ["1"] if ndim == 3 else ["1", "1"]
-    return "[" + ", ".join([lead, *ones, *map(str, box), "BLOCK_D"]) + "]"
+def _shape(lead: str, plan: TilePlan, box: tuple[int, ...]) -> str:
+    """A stack of ``lead`` descriptor boxes (``fwd.descriptor_box``) as a shape in the kernel's
+    source: [lead, 1, 1, *box, BLOCK_D], or [lead, 1, *box, BLOCK_D] on 3-D grids."""
+    return "[" + ", ".join([lead, *map(str, descriptor_box(plan, box, 0)[:-1]), "BLOCK_D"]) + "]"
+
+
+def boxes(plan: TilePlan, block_d: int) -> tuple[list[int], list[int]]:
+    """(Q and O box, K and V box) of the kernel's descriptors: each consumer's half of the Q
+    tile (``half_box``), and one KV tile."""
+    return (descriptor_box(plan, half_box(plan.q_layout), block_d),
+            descriptor_box(plan, plan.kv_layout.tile, block_d))
 
 
 def half_box(layout: TokenLayout) -> tuple[int, ...]:
@@ -361,8 +368,7 @@ def in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v: int,
         return False
     if head_dim != head_dim_v or padded_dim(head_dim) > 128:
         return False
-    element_bytes = 2
-    if stages_for(plan, padded_dim(head_dim), element_bytes) < 3:
+    if launch_stages(plan, head_dim) < 3:
         return False
     return _plan_ok(plan)
 
@@ -402,8 +408,7 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
         return None
     bd = padded_dim(d)
     swizzle = swizzle_bytes(bd, q.element_size())
-    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
-    half, kv_box = [*lead, *half_box(plan.q_layout), bd], [*lead, *plan.kv_layout.tile, bd]
+    half, kv_box = boxes(plan, bd)
     descs = []
     for x, box in zip(views, (half, kv_box, kv_box, half), strict=True):
         layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,

@@ -20,7 +20,13 @@ from typing import Any
 
 import spcompile as sp
 from spcompile.codegen.cache import load_source
-from spcompile.codegen.fwd import LaunchConfig, default_config, fwd_source, variant_name
+from spcompile.codegen.fwd import (
+    LaunchConfig,
+    default_config,
+    descriptor_box,
+    fwd_source,
+    variant_name,
+)
 from spcompile.plan.tiles import TilePlan, build_plan
 
 HEAD_DIM = 128
@@ -43,8 +49,8 @@ def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[
              "HEAD_DIM_V": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_DV": HEAD_DIM,
              "BLOCK_M": plan.q_layout.tile_size, "BLOCK_N": plan.kv_layout.tile_size,
              "INPUT_PRECISION": "tf32"}
-    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
-    q_box, kv_box = [*lead, *plan.q_tile, HEAD_DIM], [*lead, *plan.kv_tile, HEAD_DIM]
+    q_box = descriptor_box(plan, plan.q_tile, HEAD_DIM)
+    kv_box = descriptor_box(plan, plan.kv_tile, HEAD_DIM)
     boxes = {"QD": q_box, "KD": kv_box, "VD": kv_box, "OD": q_box}
     signature = {}
     for arg in fn.arg_names:
@@ -72,14 +78,14 @@ def compile_gluon(plan: TilePlan) -> dict[str, Any]:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from spcompile.codegen.sm90 import half_box, sm90_source, stages_for, swizzle_bytes
+    from spcompile.codegen import sm90
 
-    fn = load_source(variant_name(plan, "sm90"), sm90_source(plan)).attn_fwd_sm90
-    lead = [1] if plan.q_layout.ndim == 3 else [1, 1]
-    half, kv = [*lead, *half_box(plan.q_layout), HEAD_DIM], [*lead, *plan.kv_layout.tile, HEAD_DIM]
+    fn = load_source(variant_name(plan, "sm90"), sm90.sm90_source(plan)).attn_fwd_sm90
+    half, kv = sm90.boxes(plan, HEAD_DIM)
     boxes = {"QD": half, "KD": kv, "VD": kv, "OD": half}
     const = {"BLOCK_N": plan.kv_layout.tile_size, "BLOCK_D": HEAD_DIM,
-             "SWIZZLE": swizzle_bytes(HEAD_DIM, 2), "STAGES": stages_for(plan, HEAD_DIM, 2)}
+             "SWIZZLE": sm90.swizzle_bytes(HEAD_DIM, 2),
+             "STAGES": sm90.launch_stages(plan, HEAD_DIM)}
     signature = {}
     for arg in fn.arg_names:
         if arg in const:
