@@ -61,12 +61,17 @@ from .fwd import (
     variant_name,
 )
 
-_TEMPLATE = '''
+_HEADER = '''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+'''
 
+# The loop over a Q tile's KV tiles and the warp that loads them: shared by the forward and the
+# dQ kernel (``sm90_bwd``), which differ in the per-row tiles loaded once ({row_descs}: Q's
+# halves, and dO's for dQ).
+_KV_LOOP = '''
 
 @gluon.jit
 def kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride):
@@ -80,20 +85,18 @@ def kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride):
 
 
 @gluon.jit
-def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-             b, h, hk, H, H_KV, tile, n_full, n, FULL_BOX, PART_IDX, part_stride):
-    """One warp: Q once, then every K and V tile by TMA into the ring, each as soon as both
-    consumers have released the buffer it goes to."""
+def producer({row_descs}, KD, VD, {row_smem}, k_smem, v_smem, q_bar, k_full, v_full, k_empty,
+             v_empty, b, h, hk, H, H_KV, tile, n_full, n, FULL_BOX, PART_IDX, part_stride):
+    """One warp: the Q tile's rows once, then every K and V tile by TMA into the ring, each as
+    soon as both consumers have released the buffer it goes to."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_D: gl.constexpr = k_smem.type.shape[2]
     # The ring buffers seen as the descriptors' N-d boxes (same bytes: a box's tokens are its
     # rows in row-major order, and the swizzle repeats every 8 rows).
     k_boxes = k_smem._reinterpret(KD.dtype, {kv_ring}, KD.layout)
     v_boxes = v_smem._reinterpret(VD.dtype, {kv_ring}, VD.layout)
-    q_halves = q_smem._reinterpret(QD.dtype, {q_halves}, QD.layout)
-    mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
-    for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(QD, {q_coords}, q_bar, q_halves.index(half))
+    mbarrier.expect(q_bar, {row_bytes})
+{row_loads}
     for it in range(n):
         stage = it % STAGES
         free = ((it // STAGES) & 1) ^ 1  # passes at once on each buffer's first use
@@ -106,7 +109,9 @@ def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty,
         mbarrier.expect(v_full.index(stage), VD.block_type.nbytes)
         tma.async_copy_global_to_shared(VD, {kv_coords}, v_full.index(stage),
                                         v_boxes.index(stage))
+'''
 
+_TEMPLATE = '''
 
 @gluon.jit
 def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
@@ -179,18 +184,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
     tma.store_wait(0)
 
 
-@gluon.jit
-def consumer_0(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, b, h,
-               H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, s_lh):
-    consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, b, h,
-             H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, s_lh, 0)
-
-
-@gluon.jit
-def consumer_1(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, b, h,
-               H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, s_lh):
-    consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, b, h,
-             H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, s_lh, 1)
+{halves}
 
 
 # Scalars that reach the partitions stay run-time values: Triton would turn one equal to 1 (a
@@ -267,20 +261,56 @@ def _gl(lines: list[str], indent: int) -> str:
     return "\n".join(pad + line.replace("tl.", "gl.") for line in lines)
 
 
-def sm90_source(plan: TilePlan) -> str:
-    """The Gluon forward kernel's source for this plan."""
+_CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, "
+                    "b, h, H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, "
+                    "s_lh")
+
+
+def consumer_halves(params: str) -> str:
+    """``consumer_0`` and ``consumer_1``: the kernel's ``consumer`` with HALF fixed, since
+    ``warp_specialize`` passes no constexpr arguments."""
+    out = []
+    for half in (0, 1):
+        head = textwrap.wrap(f"def consumer_{half}({params}):", 99, subsequent_indent=" " * 15,
+                             break_long_words=False)
+        call = textwrap.wrap(f"consumer({params}, {half})", 95, subsequent_indent=" " * 9,
+                             break_long_words=False)
+        out.append("@gluon.jit\n" + "\n".join(head) + "\n" + "\n".join("    " + c for c in call))
+    return "\n\n\n".join(out)
+
+
+def kv_loop_source(plan: TilePlan, rows: list[tuple[str, str]]) -> str:
+    """``kv_tile_at`` and ``producer`` for a kernel whose program owns one Q tile of ``plan``
+    and loads, once, the two 64-row halves of each (descriptor, shared buffer) in ``rows``."""
     box_before, box_tile = box_tile_lines(plan, "tile")
     kv, q = plan.kv_layout, plan.q_layout
+    loads = ["for half in gl.static_range(2):"]
+    for desc, smem in rows:
+        loads += [f"    {smem}_halves = {smem}._reinterpret({desc}.dtype, "
+                  f"{_shape('2', plan, half_box(q))}, {desc}.layout)",
+                  f"    tma.async_copy_global_to_shared({desc}, {half_coords(q, 'half')}, q_bar,",
+                  f"                                    {smem}_halves.index(half))"]
+    return _KV_LOOP.format(
+        box=_gl(box_before, 8),
+        box_tile=box_tile.replace("tl.", "gl."),
+        row_descs=", ".join(d for d, _ in rows),
+        row_smem=", ".join(m for _, m in rows),
+        row_bytes=" + ".join(f"2 * {d}.block_type.nbytes" for d, _ in rows),
+        row_loads=_gl(loads, 4),
+        kv_coords=tma_coords(kv, "kv_tile", "hk", "H_KV"),
+        kv_ring=_shape("STAGES", plan, kv.tile),
+    )
+
+
+def sm90_source(plan: TilePlan) -> str:
+    """The Gluon forward kernel's source for this plan."""
+    q = plan.q_layout
     q_1d = layout_code(q, "q", "tile", "offs_m", "")
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
     has_part = bool(plan.part_cnt.any())
-    return _TEMPLATE.format(
-        box=_gl(box_before, 8),
-        box_tile=box_tile.replace("tl.", "gl."),
-        kv_coords=tma_coords(kv, "kv_tile", "hk", "H_KV"),
-        q_coords=half_coords(q, "half"),
+    return _HEADER + kv_loop_source(plan, [("QD", "q_smem")]) + _TEMPLATE.format(
+        halves=consumer_halves(_CONSUMER_PARAMS),
         o_coords=half_coords(q, "HALF"),
-        kv_ring=_shape("STAGES", plan, kv.tile),
         q_halves=_shape("2", plan, half_box(q)),
         num_q_tiles=plan.num_q_tiles,
         n_part="gl.load(PART_CNT + tile)" if has_part else "0",
@@ -315,11 +345,12 @@ def half_box(layout: TokenLayout) -> tuple[int, ...]:
     return tuple(tile)
 
 
-def half_coords(layout: TokenLayout, half: str) -> str:
-    """The descriptor coordinates of half ``half`` (0 or 1) of Q tile ``tile`` (see
-    ``half_box``)."""
+def half_coords(layout: TokenLayout, half: str, tile: str = "tile", head: str = "h",
+                heads: str = "H") -> str:
+    """The descriptor coordinates of half ``half`` (0 or 1) of tile ``tile`` of head ``head``
+    (see ``half_box``; ``fwd.tma_coords`` names the arguments)."""
     axis = next(a for a, t in enumerate(layout.tile) if t > 1)
-    coords = tma_coords(layout, "tile", "h", "H")[1:-1].split(", ")
+    coords = tma_coords(layout, tile, head, heads)[1:-1].split(", ")
     lead = 1 if layout.ndim == 3 else 2
     coords[lead + axis] = f"{coords[lead + axis]} + {half} * {layout.tile[axis] // 2}"
     return "[" + ", ".join(coords) + "]"
@@ -349,28 +380,36 @@ def stages_for(plan: TilePlan, block_d: int, element_bytes: int) -> int:
     return min(4, (_SMEM_LIMIT - _SMEM_SLACK - q_bytes) // kv_bytes)
 
 
+def gluon_plan(plan: TilePlan) -> bool:
+    """What every Gluon kernel asks of a plan: static lists, no gather segment or block matrix
+    (no run-time or auxiliary index tensors), and tiles that TMA loads as boxes."""
+    return (plan.pattern.static and plan.gather is None and needs_aux(plan.pattern) is None
+            and tma_eligible(plan))
+
+
+def gluon_call(dtype: torch.dtype, head_dim: int, head_dim_v: int, key_bias: bool) -> bool:
+    """What every Gluon kernel asks of a call: fp16 or bf16, equal head dims up to 128 (one
+    [64, 128] accumulator per product and warpgroup), no key bias."""
+    return (not key_bias and dtype in (torch.float16, torch.bfloat16)
+            and head_dim == head_dim_v and padded_dim(head_dim) <= 128)
+
+
 @functools.lru_cache(maxsize=64)
 def _plan_ok(plan: TilePlan) -> bool:
-    """Plan-side scope: static, no gather or block matrix, FULL tiles that form boxes (the
-    loop computes them from its counter: ``plan.full_box``), 128-row Q tiles, TMA boxes, and
-    every Q tile visits at least one KV tile (the loop's prologue assumes one)."""
-    return (plan.pattern.static and plan.gather is None and needs_aux(plan.pattern) is None
-            and plan.full_box is not None
+    """Plan-side scope: ``gluon_plan``, FULL tiles that form boxes (the loop computes them from
+    its counter: ``plan.full_box``), 128-row Q tiles, and every Q tile visits at least one KV
+    tile (the loop's prologue assumes one)."""
+    return (gluon_plan(plan) and plan.full_box is not None
             and plan.q_layout.tile_size == 128 and plan.kv_layout.tile_size in (64, 128)
-            and tma_eligible(plan) and bool(((plan.full_cnt + plan.part_cnt) > 0).all()))
+            and bool(((plan.full_cnt + plan.part_cnt) > 0).all()))
 
 
 def in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v: int,
              key_bias: bool = False) -> bool:
     """Whether ``attn_fwd_sm90`` runs a call of this plan, dtype and head dims (see the module
     docstring for the scope); the simulator asks the same question."""
-    if key_bias or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if head_dim != head_dim_v or padded_dim(head_dim) > 128:
-        return False
-    if launch_stages(plan, head_dim) < 3:
-        return False
-    return _plan_ok(plan)
+    return (gluon_call(dtype, head_dim, head_dim_v, key_bias)
+            and launch_stages(plan, head_dim) >= 3 and _plan_ok(plan))
 
 
 def sm90_eligible(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None) -> bool:
