@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ from .plan.choose import backward_tiles
 from .plan.tiles import TilePlan, build_plan
 from .plan.topk import BlockLists, block_lists, estimate_blocks
 from .spec.patterns import Pattern, TopK, pattern_from_dict
+
+TileShapes = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def pattern_key(pattern: Pattern) -> str:
@@ -39,7 +42,8 @@ def pattern_from_key(key: str) -> Pattern:
 
 
 def plan_for(
-    key: str, q_len: int, kv_len: int, q_tile: list[int], kv_tile: list[int], head_dim: int
+    key: str, q_len: int, kv_len: int, q_tile: Sequence[int], kv_tile: Sequence[int],
+    head_dim: int
 ) -> TilePlan:
     return _plan_for(key, q_len, kv_len, tuple(q_tile), tuple(kv_tile), head_dim)
 
@@ -56,6 +60,15 @@ def _plan_for(key: str, q_len: int, kv_len: int, q_tile: tuple[int, ...],
 def _backward_tiles(key: str, q_len: int, kv_len: int, head_dim: int
                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return backward_tiles(pattern_from_key(key), q_len, kv_len, head_dim)
+
+
+@functools.lru_cache(maxsize=512)
+def _sm90_bwd_tiles(key: str, q_len: int, kv_len: int) -> tuple[TileShapes, TileShapes]:
+    """(dQ's, dK/dV's) (q_tile, kv_tile) for the Hopper backward kernels."""
+    from .codegen.sm90_bwd import dkdv_tiles, dq_tiles
+
+    pattern = pattern_from_key(key)
+    return dq_tiles(pattern, q_len, kv_len), dkdv_tiles(pattern, q_len, kv_len)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -143,17 +156,24 @@ def attention_backward_op(
     blocks: Optional[Tensor] = None,  # noqa: UP045
     key_bias: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
+    dq_plan = dkdv_plan = None
     if impl == "triton" and not q_tile and not kv_tile and blocks is None:
         q_tile, kv_tile = (list(t) for t in _backward_tiles(pattern, q.shape[2], k.shape[2],
                                                             q.shape[3]))
+        from .codegen.launch import gluon_enabled
+
+        if gluon_enabled(q):  # the Hopper kernels' own tiles (codegen.sm90_bwd)
+            dq_t, dkdv_t = _sm90_bwd_tiles(pattern, q.shape[2], k.shape[2])
+            dq_plan = plan_for(pattern, q.shape[2], k.shape[2], *dq_t, q.shape[3])
+            dkdv_plan = plan_for(pattern, q.shape[2], k.shape[2], *dkdv_t, q.shape[3])
     plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
-        from .codegen.bwd import attn_bwd
+        from .codegen.launch import backward
 
         lists_t = _lists(pattern, blocks, k.shape[2], q.shape[1], transposed=True)
-        return attn_bwd(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t,
-                        key_bias=key_bias)
+        return backward(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t,
+                        key_bias=key_bias, dq_plan=dq_plan, dkdv_plan=dkdv_plan)
     return blockwise_attention_backward(do, q, k, v, out, lse, plan, scale, lists=lists,
                                         key_bias=key_bias)
 

@@ -410,6 +410,14 @@ def attn_bwd_dkdv(
     return dk, dv
 
 
+def prepare(q: Tensor, k: Tensor, v: Tensor, do: Tensor, out: Tensor, lse: Tensor,
+            scale: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    """The backward kernels' inputs: last dims contiguous, ``lse`` contiguous, the scale."""
+    q, k, v, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do, out))
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    return q, k, v, do, out, lse.contiguous(), scale
+
+
 def attn_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: TilePlan,
     scale: float | None = None, config: LaunchConfig | None = None,
@@ -421,9 +429,7 @@ def attn_bwd(
     ``lists`` / ``lists_t``: a data-dependent plan's run-time lists, per query tile and per key
     tile (``plan.topk.block_lists(..., transposed=True)``). ``key_bias``: the forward's.
     """
-    q, k, v, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do, out))
-    lse = lse.contiguous()
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    q, k, v, do, out, lse, scale = prepare(q, k, v, do, out, lse, scale)
     dq, delta = attn_bwd_dq(do, q, k, v, out, lse, plan, scale, config, lists, key_bias)
     dk, dv = attn_bwd_dkdv(do, q, k, v, lse, delta, plan, scale, config, lists_t, key_bias)
     return dq, dk, dv

@@ -1,8 +1,9 @@
-"""Which forward kernel runs a call: the warp-specialized Gluon kernel on Hopper where it
-applies (``sm90``), the Triton kernel everywhere else (``fwd``). Both take the same plan and
-return the same (out, lse); the backward reads either.
+"""Which kernels run a call: the warp-specialized Gluon kernels on Hopper where they apply
+(``sm90``'s forward, ``sm90_bwd``'s dQ and dK/dV), the Triton kernels everywhere else (``fwd``,
+``bwd``). The forwards take the same plan and return the same (out, lse); the backward reads
+either, and each backward kernel is chosen on its own.
 
-``SPCOMPILE_SM90=0`` turns the Gluon kernel off (the Triton kernel then runs every call).
+``SPCOMPILE_SM90=0`` turns the Gluon kernels off (the Triton kernels then run every call).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..plan.tiles import TilePlan
 from ..plan.topk import BlockLists
+from .bwd import attn_bwd, attn_bwd_dkdv, attn_bwd_dq, prepare
 from .fwd import attn_fwd
 
 
@@ -32,15 +34,56 @@ def wgmma_device(index: int | None) -> bool:
     return True
 
 
+def gluon_enabled(q: Tensor) -> bool:
+    """Whether the Gluon kernels may run on q's device."""
+    return (q.is_cuda and os.environ.get("SPCOMPILE_SM90", "1") != "0"
+            and wgmma_device(q.device.index))
+
+
 def forward_kernel(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None = None,
                    lists: BlockLists | None = None) -> str:
     """"sm90" or "triton": the kernel ``forward`` runs for this call."""
     from .sm90 import sm90_eligible
 
-    if (lists is None and q.is_cuda and os.environ.get("SPCOMPILE_SM90", "1") != "0"
-            and wgmma_device(q.device.index) and sm90_eligible(plan, q, v, key_bias)):
+    if lists is None and gluon_enabled(q) and sm90_eligible(plan, q, v, key_bias):
         return "sm90"
     return "triton"
+
+
+#: The most extra work (visited tile pairs x tile area, against the Triton backward's 64/64
+#: plan) a Gluon backward kernel may take on and still be chosen. Its larger tiles waste more
+#: on partial tiles; on the H100 its dK/dV ran 1.10x the Triton kernel's speed at equal work
+#: (blk16k, flux_gna), 1.045x at 1.029x the work (sw16k) and 0.85x at 1.158x (na2d31)
+#: (benchmarks/data/2026-12-06-s8-h100-tune-sm90-dkdv.json).
+GLUON_BWD_MAX_WORK = 1.05
+
+
+#: The Gluon dQ kernel (``sm90_bwd.attn_bwd_dq_sm90``) compiles for sm_90 (CI checks it) but
+#: has not yet run on a GPU: off until its GPU tests pass and it is measured. The dK/dV kernel
+#: was (tests/codegen/test_sm90_bwd.py on the H100, benchmarks/RESULTS.md, session 8).
+GLUON_DQ = False
+
+
+def _work(plan: TilePlan) -> int:
+    return plan.num_visited * plan.q_layout.tile_size * plan.kv_layout.tile_size
+
+
+def backward_kernels(q: Tensor, v: Tensor, key_bias: Tensor | None, plan: TilePlan,
+                     dq_plan: TilePlan | None = None, dkdv_plan: TilePlan | None = None
+                     ) -> tuple[str, str]:
+    """("sm90" or "triton") for the dQ and the dK/dV kernel ``backward`` runs, given the
+    Triton kernels' ``plan`` and the plans of ``sm90_bwd.dq_tiles`` and ``dkdv_tiles`` (None:
+    not offered). A Gluon kernel runs where it is in scope and its plan does at most
+    ``GLUON_BWD_MAX_WORK`` times the Triton plan's work (dQ: and ``GLUON_DQ`` is on)."""
+    from .sm90_bwd import dkdv_in_scope, dq_in_scope
+
+    args = (q.dtype, q.shape[-1], v.shape[-1], key_bias is not None)
+    on = gluon_enabled(q)
+    limit = GLUON_BWD_MAX_WORK * _work(plan)
+    offered = ((dq_plan if GLUON_DQ else None, dq_in_scope), (dkdv_plan, dkdv_in_scope))
+    return tuple(  # type: ignore[return-value]
+        "sm90" if on and p is not None and in_scope(p, *args) and _work(p) <= limit
+        else "triton" for p, in_scope in offered)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
@@ -57,3 +100,29 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None
         if done is not None:
             return done
     return attn_fwd(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
+
+
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             plan: TilePlan, scale: float | None = None, lists: BlockLists | None = None,
+             lists_t: BlockLists | None = None, key_bias: Tensor | None = None,
+             dq_plan: TilePlan | None = None, dkdv_plan: TilePlan | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one call (``bwd.attn_bwd``'s contract), each kernel on the Gluon kernel
+    where ``backward_kernels`` says so, over ``dq_plan`` / ``dkdv_plan``, else (or where TMA
+    cannot address the tensors) on the Triton kernel over ``plan``."""
+    if lists is not None:
+        return attn_bwd(do, q, k, v, out, lse, plan, scale, lists=lists, lists_t=lists_t,
+                        key_bias=key_bias)
+    from .sm90_bwd import attn_bwd_dkdv_sm90, attn_bwd_dq_sm90
+
+    q, k, v, do, out, lse, scale = prepare(q, k, v, do, out, lse, scale)
+    use_dq, use_dkdv = backward_kernels(q, v, key_bias, plan, dq_plan, dkdv_plan)
+    got = None
+    if use_dq == "sm90":
+        got = attn_bwd_dq_sm90(do, q, k, v, out, lse, dq_plan, scale)
+    dq, delta = got or attn_bwd_dq(do, q, k, v, out, lse, plan, scale, key_bias=key_bias)
+    got = None
+    if use_dkdv == "sm90":
+        got = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale)
+    dk, dv = got or attn_bwd_dkdv(do, q, k, v, lse, delta, plan, scale, key_bias=key_bias)
+    return dq, dk, dv

@@ -1,6 +1,6 @@
 """Compile forward kernels for sm_90 (H100) without a GPU and print what they need, as JSON.
 
-    python tests/codegen/sm90_compile.py [--both | --gluon]   # with TRITON_INTERPRET unset
+    python tests/codegen/sm90_compile.py [--both | --gluon | --gluon-bwd]  # TRITON_INTERPRET unset
 
 Run as a separate process by test_persistent.py: the test process runs Triton's interpreter,
 which never compiles. Triton's NVIDIA backend lowers to PTX and runs its bundled ptxas on any
@@ -8,7 +8,8 @@ machine, so a CPU session can check that a kernel compiles for Hopper with TMA a
 shared memory one program takes (what decides whether it launches, and how many fit on an SM).
 Compiles the persistent kernel at the default launch config of a 128x64-tile and a
 128x128-tile plan (``--both``: the one-item kernel too, ~10 s more). ``--gluon``: the
-warp-specialized Hopper kernel (``codegen.sm90``) of a 1-D, a 2-D and a 3-D plan instead.
+warp-specialized Hopper kernel (``codegen.sm90``) of a 1-D, a 2-D and a 3-D plan instead;
+``--gluon-bwd``: the Hopper backward's dQ and dK/dV kernels (``codegen.sm90_bwd``) of the same.
 Exit status 3: no NVIDIA backend here (the test skips).
 """
 
@@ -105,6 +106,60 @@ def compile_gluon(plan: TilePlan) -> dict[str, Any]:
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg")}
 
 
+def compile_gluon_bwd(plan: TilePlan, kernel: str) -> dict[str, Any]:
+    """The sm_90 build of ``codegen.sm90_bwd``'s dQ or dK/dV kernel (bf16, head dim 128)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from spcompile.codegen import sm90, sm90_bwd
+
+    name = variant_name(plan, f"sm90-{kernel}")
+    if kernel == "dq":
+        fn = load_source(name, sm90_bwd.dq_source(plan)).attn_bwd_dq_sm90
+        half = descriptor_box(plan, sm90.half_box(plan.q_layout), HEAD_DIM)
+        kv = descriptor_box(plan, plan.kv_tile, HEAD_DIM)
+        boxes = {"QD": half, "DOD": half, "DQD": half, "KD": kv, "VD": kv}
+        stages = sm90_bwd.dq_stages(plan, HEAD_DIM)
+        const = {"BLOCK_N": plan.kv_layout.tile_size}
+    else:
+        fn = load_source(name, sm90_bwd.dkdv_source(plan)).attn_bwd_dkdv_sm90
+        q_box = descriptor_box(plan, plan.q_tile, HEAD_DIM)
+        half = descriptor_box(plan, sm90.half_box(plan.kv_layout), HEAD_DIM)
+        boxes = {"QD": q_box, "DOD": q_box, "KD": half, "VD": half, "DKD": half, "DVD": half}
+        stages = sm90_bwd.dkdv_stages(plan, HEAD_DIM)
+        const = {}
+    const.update(BLOCK_D=HEAD_DIM, SWIZZLE=sm90.swizzle_bytes(HEAD_DIM, 2), STAGES=stages)
+    pointers = {"O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "sm_scale": "fp32"}
+    lists = ("FULL_CNT", "FULL_BOX", "PART_IDX", "PART_CNT", "SCHEDULE", "T_FULL_IDX",
+             "T_FULL_CNT", "T_PART_IDX", "T_PART_CNT")
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in const:
+            signature[arg] = "constexpr"
+        elif arg in boxes:
+            layout = gl.NVMMASharedLayout(swizzle_byte_width=const["SWIZZLE"],
+                                          element_bitwidth=16, rank=len(boxes[arg]))
+            signature[arg] = f"tensordesc<bf16[{','.join(map(str, boxes[arg]))}],{layout!r}>"
+        else:
+            signature[arg] = pointers.get(arg, "*i32" if arg in lists else "i32")
+    source = GluonASTSource(fn=fn, signature=signature,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel_ = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel_.asm["ptx"]
+    return {"plan": name, "stages": stages, "shared": kernel_.metadata.shared,
+            "tma_ops": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
+            "setmaxnreg": ptx.count("setmaxnreg")}
+
+
+def _bwd_plans(pattern: sp.Pattern, n: int) -> list[tuple[TilePlan, str]]:
+    from spcompile.codegen.sm90_bwd import dkdv_tiles, dq_tiles
+
+    return [(build_plan(pattern, n, n, *dq_tiles(pattern, n, n)), "dq"),
+            (build_plan(pattern, n, n, *dkdv_tiles(pattern, n, n)), "dkdv")]
+
+
 def main() -> None:
     try:
         import triton.backends.nvidia  # noqa: F401
@@ -116,6 +171,14 @@ def main() -> None:
                  build_plan(sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
                                             stride=(16, 8, 8)), 115200, 115200)]
         print(json.dumps([compile_gluon(plan) for plan in plans]))
+        return
+    if "--gluon-bwd" in sys.argv:
+        patterns = [(sp.Sliding(window=1000, causal=True), 4096),
+                    (sp.Neighborhood(shape=(128, 128), window=31), 16384),
+                    (sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
+                                     stride=(16, 8, 8)), 115200)]
+        print(json.dumps([compile_gluon_bwd(plan, kernel) for p, n in patterns
+                          for plan, kernel in _bwd_plans(p, n)]))
         return
     plans = [build_plan(sp.Sliding(left=1024, right=1024), 16384, 16384),  # 128x64 tiles
              build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384)]  # 128x128

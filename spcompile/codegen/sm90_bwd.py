@@ -1,0 +1,624 @@
+"""The Hopper backward: warp-specialized dQ and dK/dV kernels (Gluon), each over a plan of its
+own tiles, laid out as ``sm90``'s forward is (a producer warp loading by TMA into a ring of
+buffers released by mbarriers, two consumer warpgroups of 64 rows each, never held in step, so
+one's exponentials overlap the other's products).
+
+dQ (``dq_source``): one program per 128-token Q tile and head, the forward's loop over its KV
+tiles (``sm90.kv_loop_source``: FULL boxes, then the PARTIAL list), with Q's and dO's halves
+loaded once. Each consumer first computes delta = rowsum(dO * O) for its rows, stores it for
+dK/dV, then per KV tile:
+
+    S = Q K^T,  dP = dO V^T                  async, both
+    P = exp2(S * scale - lse)  (mask on PARTIAL tiles);  release V
+    dS = P * (dP - delta);  dQ += dS K       then release K
+
+dK/dV (``dkdv_source``): one program per 128-token KV tile and KV head. The producer loads K
+and V once (as two 64-row halves), then each visiting 64-token Q tile and its dO tile, head by
+head of the GQA group, into the ring; each consumer owns 64 KV rows and their dK and dV
+accumulators, in the transposed orientation so that P^T and dS^T are the register operand of
+the products that accumulate:
+
+    S^T  = K Q^T,  dP^T = V dO^T                      async, both
+    P^T  = exp2(S^T * scale - lse)   (mask on PARTIAL tiles)
+    dS^T = P^T * (dP^T - delta)
+    dV  += P^T dO,  dK += dS^T Q                      async, both; then release the buffer
+
+Outputs leave through shared buffers their consumer alone read (dQ through its Q half, dK and
+dV through its K and V halves) by TMA stores, so N-d tiles store as boxes of the grid: the token
+permutation is fused, as in every other kernel. Every output row is owned by one program and
+accumulated in a fixed order: deterministic, no atomics.
+
+Tiles (``dq_tiles``, ``dkdv_tiles``): 128-token Q tiles over 64-token KV tiles for dQ (S, dP
+and the dQ accumulator stay within a consumer's registers), 64-token Q tiles over 128-token KV
+tiles for dK/dV; boxes visiting the fewest tiles on a grid. Scope (``dq_in_scope``,
+``dkdv_in_scope``): the forward's (``sm90.gluon_plan``, ``sm90.gluon_call``). Other calls run
+``bwd.attn_bwd_dq`` / ``bwd.attn_bwd_dkdv``: ``codegen.launch.backward_kernels`` decides per
+kernel, by scope and by how much more work the larger tiles cost (``GLUON_BWD_MAX_WORK``). The
+dQ kernel is off there (``GLUON_DQ``) until it has run on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..plan.choose import best_boxes
+from ..plan.tiles import TilePlan, grid_of
+from ..spec.patterns import Pattern
+from .cache import load_source
+from .emit import layout_code, mask_expr
+from .fwd import descriptor_box, padded_dim, tma_coords, tma_views, variant_name
+from .sm90 import (
+    _HEADER,
+    _SMEM_LIMIT,
+    _SMEM_SLACK,
+    _gl,
+    _shape,
+    consumer_halves,
+    gluon_call,
+    gluon_plan,
+    half_box,
+    half_coords,
+    kv_loop_source,
+    swizzle_bytes,
+)
+
+_DQ_PARAMS = ("DQD, O, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, v_full, "
+              "k_empty, v_empty, b, h, H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, "
+              "sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, head_dim")
+
+_DQ = '''
+
+@gluon.jit
+def consumer(DQD, O, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, v_full,
+             k_empty, v_empty, b, h, H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride,
+             sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, head_dim, HALF: gl.constexpr):
+    """One warpgroup: delta, then dQ, for rows [64 HALF, 64 HALF + 64) of the Q tile."""
+    ROWS: gl.constexpr = 64
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    BLOCK_D: gl.constexpr = k_smem.type.shape[2]
+    dtype: gl.constexpr = DQD.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    offs_m = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
+    offs_n = gl.arange(0, BLOCK_N, layout=cols)
+    offs_o = HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, d_layout))
+    offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, d_layout))
+{q_layout}
+{o_layout}
+    l_base = b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh
+    lse = gl.load(LSE + l_base + q_tok, mask=q_ok, other=float("inf"))
+    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    o = gl.load(O + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh + o_tok[:, None] * s_os
+                + offs_d[None, :], mask=o_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.index(HALF)
+    do = do_smem.index(HALF)
+    delta = gl.sum(o.to(gl.float32) * do.load(d_layout).to(gl.float32), 1)
+    delta = gl.convert_layout(delta, rows)
+    gl.store(DELTA + l_base + q_tok, delta, mask=q_ok)
+{q_2d}
+    qpos = q_tok + {offset}
+
+    qk_scale = sm_scale * 1.4426950408889634
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    dq = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
+{loop}
+    q.store((dq * sm_scale).to(dtype))  # this half of Q's buffer is free: its scores are done
+    fence_async_shared()
+    dq_box = q_smem._reinterpret(dtype, {q_halves}, DQD.layout).index(HALF)
+    tma.async_copy_shared_to_global(DQD, {dq_coords}, dq_box)
+    tma.store_wait(0)
+
+
+{halves}
+
+
+# Scalars that reach the partitions stay run-time values (see ``sm90``'s kernel).
+@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "s_ob", "s_oh", "s_os", "part_stride",
+                              "H", "H_KV", "head_dim"])
+def attn_bwd_dq_sm90(
+    QD, KD, VD, DOD, DQD, O, LSE, DELTA, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
+    sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, part_stride, H, H_KV, head_dim,
+    BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
+):
+    dtype: gl.constexpr = QD.dtype
+    tile2d: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    pid = gl.program_id(0)
+    bh = pid // {num_q_tiles}
+    rank = pid % {num_q_tiles}
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+    tile = gl.load(SCHEDULE + rank)
+    n_full = gl.load(FULL_CNT + tile)
+    n = n_full + {n_part}
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
+        mbarrier.init(v_empty.index(i), count=2)
+    ring = (k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty)
+    work = (tile, n_full, n, FULL_BOX, PART_IDX, part_stride)
+    rest = (sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, head_dim)
+    gl.warp_specialize(
+        [(consumer_0, (DQD, O, LSE, DELTA, q_smem, do_smem) + ring + (b, h, H) + work + rest),
+         (consumer_1, (DQD, O, LSE, DELTA, q_smem, do_smem) + ring + (b, h, H) + work + rest),
+         (producer, (QD, DOD, KD, VD, q_smem, do_smem) + ring + (b, h, hk, H, H_KV) + work)],
+        [4, 1], [240, 24])
+'''
+
+# The dQ loop, plain: each tile's S and dP, then its dS K, waited for before the next tile.
+_DQ_LOOP = """\
+for it in range(n):
+    stage = it % STAGES
+    phase = (it // STAGES) & 1
+    mbarrier.wait(k_full.index(stage), phase)
+    s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    mbarrier.wait(v_full.index(stage), phase)
+    dp = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                       is_async=True)
+{step}
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.arrive(k_empty.index(stage))"""
+
+# The dQ loop, pipelined as the forward's: the next tile's S and dP are issued behind this
+# tile's dS K, so the tensor cores never wait on this warpgroup's issue.
+_DQ_LOOP_PIPELINED = """\
+if n > 0:
+    mbarrier.wait(k_full.index(0), 0)
+    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    mbarrier.wait(v_full.index(0), 0)
+    dp = warpgroup_mma(do, v_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                       is_async=True)
+    for it in range(n - 1):
+        stage = it % STAGES
+{step_loop}
+        nxt = (it + 1) % STAGES
+        phase = ((it + 1) // STAGES) & 1
+        mbarrier.wait(k_full.index(nxt), phase)
+        s = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_full.index(nxt), phase)
+        dp = warpgroup_mma(do, v_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)
+        dq = warpgroup_mma_wait(2, deps=(dq,))  # groups retire in order: this tile's dS K
+        mbarrier.arrive(k_empty.index(stage))
+    it = n - 1
+    stage = it % STAGES
+{step_last}
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.arrive(k_empty.index(stage))"""
+
+# One KV tile's dS K, issued (not waited for) once its S and dP are.
+_DQ_STEP = """\
+s = warpgroup_mma_wait(1, deps=(s,))
+p = gl.exp2(s * qk_scale - lse[:, None])
+{mask}
+dp = warpgroup_mma_wait(0, deps=(dp,))
+mbarrier.arrive(v_empty.index(stage))
+ds = p * (dp - delta[:, None])
+dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_smem.index(stage), dq,
+                   is_async=True)"""
+
+# The pattern's mask on PARTIAL KV tiles of the dQ loop.
+_DQ_MASK = """\
+if it >= n_full:
+    kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)
+{k_layout}
+    p = gl.where(k_ok & ({mask}), p, 0.0)"""
+
+_DKDV_PARAMS = ("DKD, DVD, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, "
+                "b, hk, H_KV, GROUP, kv_tile, n_full, n, T_FULL_IDX, T_PART_IDX, full_stride, "
+                "part_stride, sm_scale, s_lb, s_lh")
+
+_DKDV = '''
+
+@gluon.jit
+def q_tile_at(it, n_full, T_FULL_IDX, T_PART_IDX, kv_tile, full_stride, part_stride):
+    """The it-th Q tile visiting KV tile ``kv_tile``: the FULL list, then the PARTIAL one."""
+    if it < n_full:
+        q_tile = gl.load(T_FULL_IDX + kv_tile * full_stride + it)
+    else:
+        q_tile = gl.load(T_PART_IDX + kv_tile * part_stride + it - n_full)
+    return q_tile
+
+
+@gluon.jit
+def producer(QD, KD, VD, DOD, k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty,
+             b, hk, H_KV, GROUP, kv_tile, n_full, n, T_FULL_IDX, T_PART_IDX, full_stride,
+             part_stride):
+    """One warp: K and V once, then each visiting Q tile with its dO tile into the ring."""
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_D: gl.constexpr = q_smem.type.shape[2]
+    k_halves = k_smem._reinterpret(KD.dtype, {kv_halves}, KD.layout)
+    v_halves = v_smem._reinterpret(VD.dtype, {kv_halves}, VD.layout)
+    q_boxes = q_smem._reinterpret(QD.dtype, {q_ring}, QD.layout)
+    do_boxes = do_smem._reinterpret(DOD.dtype, {q_ring}, DOD.layout)
+    mbarrier.expect(kv_bar, 2 * KD.block_type.nbytes + 2 * VD.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(KD, {kv_coords}, kv_bar, k_halves.index(half))
+        tma.async_copy_global_to_shared(VD, {kv_coords}, kv_bar, v_halves.index(half))
+    H = H_KV * GROUP
+    c = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        for it in range(n):
+            stage = c % STAGES
+            free = ((c // STAGES) & 1) ^ 1  # passes at once on each buffer's first use
+            q_tile = q_tile_at(it, n_full, T_FULL_IDX, T_PART_IDX, kv_tile, full_stride,
+                               part_stride)
+            mbarrier.wait(empty.index(stage), free)
+            mbarrier.expect(full.index(stage), QD.block_type.nbytes + DOD.block_type.nbytes)
+            tma.async_copy_global_to_shared(QD, {q_coords}, full.index(stage),
+                                            q_boxes.index(stage))
+            tma.async_copy_global_to_shared(DOD, {q_coords}, full.index(stage),
+                                            do_boxes.index(stage))
+            c += 1
+
+
+@gluon.jit
+def consumer(DKD, DVD, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty,
+             b, hk, H_KV, GROUP, kv_tile, n_full, n, T_FULL_IDX, T_PART_IDX, full_stride,
+             part_stride, sm_scale, s_lb, s_lh, HALF: gl.constexpr):
+    """One warpgroup: rows [64 HALF, 64 HALF + 64) of the KV tile, dK and dV over every
+    visiting Q tile of every head of the group."""
+    ROWS: gl.constexpr = 64
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    BLOCK_D: gl.constexpr = q_smem.type.shape[2]
+    dtype: gl.constexpr = DKD.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    offs_n = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
+    offs_m = gl.arange(0, BLOCK_M, layout=cols)
+{k_layout}
+{k_2d}
+    k = k_smem.index(HALF)
+    v = v_smem.index(HALF)
+    qk_scale = sm_scale * 1.4426950408889634
+    s_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
+    dk = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
+    dv = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
+    H = H_KV * GROUP
+    mbarrier.wait(kv_bar, 0)
+    c = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        l_base = b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh
+        for it in range(n):
+            stage = c % STAGES
+            q_tile = q_tile_at(it, n_full, T_FULL_IDX, T_PART_IDX, kv_tile, full_stride,
+                               part_stride)
+{q_layout}
+            lse = gl.load(LSE + l_base + r_tok, mask=r_ok, other=float("inf"))
+            lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = gl.load(DELTA + l_base + r_tok, mask=r_ok, other=0.0)
+            mbarrier.wait(full.index(stage), (c // STAGES) & 1)
+            q = q_smem.index(stage)
+            do = do_smem.index(stage)
+            sT = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dpT = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            sT = warpgroup_mma_wait(1, deps=(sT,))
+            pT = gl.exp2(sT * qk_scale - lse[None, :])
+{mask}
+            dpT = warpgroup_mma_wait(0, deps=(dpT,))
+            dsT = pT * (dpT - delta[None, :])
+            dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), do, dv,
+                               is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), q, dk,
+                               is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(stage))
+            c += 1
+
+    # This consumer's K and V halves are read by nobody else: they stage dK and dV.
+    k.store((dk * sm_scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    dk_box = k_smem._reinterpret(dtype, {kv_halves}, DKD.layout).index(HALF)
+    dv_box = v_smem._reinterpret(dtype, {kv_halves}, DVD.layout).index(HALF)
+    tma.async_copy_shared_to_global(DKD, {out_coords}, dk_box)
+    tma.async_copy_shared_to_global(DVD, {out_coords}, dv_box)
+    tma.store_wait(0)
+
+
+{halves}
+
+
+# Scalars that reach the partitions stay run-time values (see ``sm90``'s kernel).
+@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "full_stride", "part_stride",
+                              "H_KV", "GROUP"])
+def attn_bwd_dkdv_sm90(
+    QD, KD, VD, DOD, DKD, DVD, LSE, DELTA, T_FULL_IDX, T_FULL_CNT, T_PART_IDX, T_PART_CNT,
+    SCHEDULE, sm_scale, s_lb, s_lh, full_stride, part_stride, H_KV, GROUP,
+    BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
+):
+    dtype: gl.constexpr = QD.dtype
+    tile2d: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    pid = gl.program_id(0)
+    bhk = pid // {num_kv_tiles}
+    rank = pid % {num_kv_tiles}
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    kv_tile = gl.load(SCHEDULE + rank)
+    n_full = gl.load(T_FULL_CNT + kv_tile)
+    n = n_full + {n_part}
+
+    k_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, {block_m}, BLOCK_D], tile2d)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, {block_m}, BLOCK_D], tile2d)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # released by both consumers
+    shared = (k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty)
+    work = (b, hk, H_KV, GROUP, kv_tile, n_full, n, T_FULL_IDX, T_PART_IDX, full_stride,
+            part_stride)
+    gl.warp_specialize(
+        [(consumer_0, (DKD, DVD, LSE, DELTA) + shared + work + (sm_scale, s_lb, s_lh)),
+         (consumer_1, (DKD, DVD, LSE, DELTA) + shared + work + (sm_scale, s_lb, s_lh)),
+         (producer, (QD, KD, VD, DOD) + shared + work)],
+        [4, 1], [240, 24])
+'''
+
+# The pattern's mask on PARTIAL Q tiles, in the transposed [KV rows, Q columns] orientation.
+_DKDV_MASK = """\
+if it >= n_full:
+{q_2d}
+    qpos = q_tok + {offset}
+    pT = gl.where(k_ok & q_ok & ({mask}), pT, 0.0)"""
+
+
+def _indented(text: str, indent: int) -> str:
+    return "\n".join(" " * indent + line for line in text.splitlines())
+
+
+def _tiles(pattern: Pattern, q_len: int, kv_len: int, q_tokens: int, kv_tokens: int
+           ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if grid_of(pattern) is None:
+        return (q_tokens,), (kv_tokens,)
+    return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
+
+
+def dq_tiles(pattern: Pattern, q_len: int, kv_len: int
+             ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(q_tile, kv_tile) of the dQ kernel's plan: 128 Q tokens (two consumer halves of 64) per
+    program over 64-token KV tiles; on a grid, the boxes visiting the fewest tiles."""
+    return _tiles(pattern, q_len, kv_len, 128, 64)
+
+
+def dkdv_tiles(pattern: Pattern, q_len: int, kv_len: int
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(q_tile, kv_tile) of the dK/dV kernel's plan: 64 Q tokens per visit, 128 KV tokens (two
+    consumer halves of 64) per program; on a grid, the boxes visiting the fewest tiles."""
+    return _tiles(pattern, q_len, kv_len, 64, 128)
+
+
+def dq_source(plan: TilePlan, pipelined: bool = True) -> str:
+    """The Gluon dQ kernel's source for this plan (``pipelined``: see ``_DQ_LOOP_PIPELINED``)."""
+    q = plan.q_layout
+    q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
+    has_part = bool(plan.part_cnt.any())
+    mask = ""
+    if has_part:
+        k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
+        mask = _DQ_MASK.format(k_layout=_gl(k_2d, 4),
+                               mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+    step = _DQ_STEP.format(mask=mask)
+    if pipelined:
+        loop = _DQ_LOOP_PIPELINED.format(step_loop=_indented(step, 8),
+                                         step_last=_indented(step, 4))
+    else:
+        loop = _DQ_LOOP.format(step=_indented(step, 4))
+    return _HEADER + kv_loop_source(plan, [("QD", "q_smem"), ("DOD", "do_smem")]) + _DQ.format(
+        q_layout=_gl(layout_code(q, "q", "tile", "offs_m", ""), 4),
+        o_layout=_gl(layout_code(q, "o", "tile", "offs_o", ""), 4),
+        q_2d=_gl(q_2d, 4),
+        offset=plan.kv_len - plan.q_len,
+        loop=_indented(loop, 4),
+        q_halves=_shape("2", plan, half_box(q)),
+        dq_coords=half_coords(q, "HALF"),
+        halves=consumer_halves(_DQ_PARAMS),
+        num_q_tiles=plan.num_q_tiles,
+        n_part="gl.load(PART_CNT + tile)" if has_part else "0",
+    )
+
+
+def dkdv_source(plan: TilePlan) -> str:
+    """The Gluon dK/dV kernel's source for this plan."""
+    kv, q = plan.kv_layout, plan.q_layout
+    k_1d = layout_code(kv, "k", "kv_tile", "offs_n", "")
+    k_2d = [f"{n} = {n}[:, None]" for n in ["k_tok", "k_ok"] + [f"kx{a}" for a in range(kv.ndim)]]
+    # The Q tile's columns as 1-D vectors (r_*) for LSE and delta, and as [1, M] rows (q_*,
+    # what the mask expression reads) on PARTIAL tiles.
+    q_2d = [f"q{n} = r{n}[None, :]" for n in ["_tok", "_ok"] + [f"x{a}" for a in range(q.ndim)]]
+    has_part = bool(plan.part_cnt.any())
+    mask = ""
+    if has_part:
+        mask = _indented(_DKDV_MASK.format(
+            q_2d=_gl(q_2d, 4), offset=plan.kv_len - plan.q_len,
+            mask=mask_expr(plan.list_pattern).replace("tl.", "gl.")), 12)
+    return _HEADER + _DKDV.format(
+        kv_halves=_shape("2", plan, half_box(kv)),
+        q_ring=_shape("STAGES", plan, q.tile),
+        kv_coords=half_coords(kv, "half", "kv_tile", "hk", "H_KV"),
+        out_coords=half_coords(kv, "HALF", "kv_tile", "hk", "H_KV"),
+        q_coords=tma_coords(q, "q_tile", "h", "H"),
+        k_layout=_gl(k_1d, 4),
+        k_2d=_gl(k_2d, 4),
+        q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 12),
+        mask=mask,
+        halves=consumer_halves(_DKDV_PARAMS),
+        num_kv_tiles=plan.num_kv_tiles,
+        n_part="gl.load(T_PART_CNT + kv_tile)" if has_part else "0",
+        block_m=q.tile_size,
+    )
+
+
+def _stages(head_dim: int, once: int, per_stage: int) -> int:
+    """The most ring buffers (up to 4) that fit in shared memory beside the rows of ``once``
+    tokens loaded once, a buffer holding the rows of ``per_stage`` tokens (16-bit inputs)."""
+    row = padded_dim(head_dim) * 2
+    return min(4, (_SMEM_LIMIT - _SMEM_SLACK - once * row) // (per_stage * row))
+
+
+def dq_stages(plan: TilePlan, head_dim: int) -> int:
+    """K/V ring buffers of the dQ kernel, beside Q's and dO's halves."""
+    return _stages(head_dim, 2 * plan.q_layout.tile_size, 2 * plan.kv_layout.tile_size)
+
+
+def dkdv_stages(plan: TilePlan, head_dim: int) -> int:
+    """Q/dO ring buffers of the dK/dV kernel, beside K's and V's halves."""
+    return _stages(head_dim, 2 * plan.kv_layout.tile_size, 2 * plan.q_layout.tile_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _dq_plan_ok(plan: TilePlan) -> bool:
+    """``gluon_plan``, the kernel's tile sizes, FULL tiles that form boxes (``kv_tile_at``)."""
+    return (gluon_plan(plan) and plan.q_layout.tile_size == 128
+            and plan.kv_layout.tile_size == 64 and plan.full_box is not None)
+
+
+@functools.lru_cache(maxsize=64)
+def _dkdv_plan_ok(plan: TilePlan) -> bool:
+    return (gluon_plan(plan) and plan.q_layout.tile_size == 64
+            and plan.kv_layout.tile_size == 128)
+
+
+def dq_in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+                key_bias: bool = False) -> bool:
+    """Whether ``attn_bwd_dq_sm90`` runs a call of this plan (``dq_tiles``'), dtype and head
+    dims."""
+    return (gluon_call(dtype, head_dim, head_dim_v, key_bias)
+            and dq_stages(plan, head_dim) >= 2 and _dq_plan_ok(plan))
+
+
+def dkdv_in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+                  key_bias: bool = False) -> bool:
+    """Whether ``attn_bwd_dkdv_sm90`` runs a call of this plan (``dkdv_tiles``'), dtype and
+    head dims."""
+    return (gluon_call(dtype, head_dim, head_dim_v, key_bias)
+            and dkdv_stages(plan, head_dim) >= 2 and _dkdv_plan_ok(plan))
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_t(plan: TilePlan, device: str) -> Tensor:
+    """KV tiles by visiting Q tiles, most first: the longest programs start in the first wave."""
+    _, full_cnt, _, part_cnt = plan.transposed()
+    work = (full_cnt + part_cnt).to(torch.long)
+    return torch.sort(work, descending=True, stable=True).indices.to(torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=128)
+def _dq_module(plan: TilePlan, pipelined: bool = True) -> Any:
+    return load_source(variant_name(plan, "sm90-dq", plain=not pipelined),
+                       dq_source(plan, pipelined))
+
+
+@functools.lru_cache(maxsize=128)
+def _dkdv_module(plan: TilePlan) -> Any:
+    return load_source(variant_name(plan, "sm90-dkdv"), dkdv_source(plan))
+
+
+def _descriptors(plan: TilePlan, xs: list[Tensor], tiles: list[tuple[int, ...]]) -> list[Any]:
+    """Gluon TMA descriptors over ``xs`` (``tma_views``), one tile's box each."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    bd = padded_dim(xs[0].shape[-1])
+    swizzle = swizzle_bytes(bd, xs[0].element_size())
+    out = []
+    for x, tile in zip(xs, tiles, strict=True):
+        box = descriptor_box(plan, tile, bd)
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
+                                      element_bitwidth=8 * x.element_size(), rank=len(box))
+        out.append(TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout))
+    return out
+
+
+def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     plan: TilePlan, scale: float, stages: int | None = None,
+                     pipelined: bool = True) -> tuple[Tensor, Tensor] | None:
+    """(dq, delta) by the Gluon kernel (``bwd.attn_bwd_dq``'s contract); None when the tensors
+    cannot be described for TMA (the caller runs the Triton kernel). ``lse`` contiguous."""
+    dq = torch.empty_like(q)
+    views = tma_views(plan, q, k, v, do, dq)
+    if views is None:
+        return None
+    b, h, _, d = q.shape
+    half, kv = half_box(plan.q_layout), plan.kv_layout.tile
+    descs = _descriptors(plan, views, [half, kv, kv, half, half])
+    delta = torch.empty_like(lse)
+    t = plan.device_tensors(q.device)
+    bd = padded_dim(d)
+    _dq_module(plan, pipelined).attn_bwd_dq_sm90[(plan.num_q_tiles * b * h,)](
+        *descs, out, lse, delta, t["full_cnt"], t["full_box"], t["part_idx"], t["part_cnt"],
+        t["schedule"], scale, lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        out.stride(2), t["part_idx"].stride(0), h, k.shape[1], d,
+        BLOCK_N=plan.kv_layout.tile_size, BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
+        STAGES=stages or dq_stages(plan, d), num_warps=4,
+    )
+    return dq, delta
+
+
+def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+                       plan: TilePlan, scale: float, stages: int | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+    """(dk, dv) by the Gluon kernel, given the dQ kernel's delta; None when the tensors cannot
+    be described for TMA (the caller runs ``bwd.attn_bwd_dkdv``). ``lse`` and ``delta``
+    contiguous."""
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    views = tma_views(plan, q, k, v, do, dk, dv)
+    if views is None:
+        return None
+    b, h, _, d = q.shape
+    h_kv = k.shape[1]
+    qt, half = plan.q_layout.tile, half_box(plan.kv_layout)
+    descs = _descriptors(plan, views, [qt, half, half, qt, half, half])
+    t = plan.device_tensors(q.device)
+    bd = padded_dim(d)
+    _dkdv_module(plan).attn_bwd_dkdv_sm90[(plan.num_kv_tiles * b * h_kv,)](
+        *descs, lse, delta, t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"],
+        _schedule_t(plan, str(q.device)), scale, lse.stride(0), lse.stride(1),
+        t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), h_kv, h // h_kv,
+        BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
+        STAGES=stages or dkdv_stages(plan, d), num_warps=4,
+    )
+    return dk, dv

@@ -1,0 +1,217 @@
+"""The warp-specialized Hopper backward (``codegen.sm90_bwd``): its tiles and scope, that both
+kernels lower for sm_90 on any machine, and on a Hopper GPU that dQ (with delta) and dK/dV match
+the float64 reference's gradients, deterministically, also through ``sparse_attention``.
+
+The GPU cases run the kernels' own tiles on sizes that are no multiple of them: 1-D
+sliding (causal, decode-shaped with Sq < Skv), blocked, 2-D and 3-D neighborhoods on odd grids
+(strided, causal), GQA down to one KV head, head dims 32 to 128, fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spcompile as sp
+from spcompile.codegen import launch
+from spcompile.codegen.bwd import attn_bwd_dkdv, attn_bwd_dq
+from spcompile.codegen.fwd import attn_fwd
+from spcompile.codegen.sm90_bwd import (
+    attn_bwd_dkdv_sm90,
+    attn_bwd_dq_sm90,
+    dkdv_in_scope,
+    dkdv_tiles,
+    dq_in_scope,
+    dq_tiles,
+)
+from spcompile.plan.choose import backward_tiles
+from spcompile.plan.tiles import build_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+# name: (pattern, q_len, kv_len, heads, kv_heads, head dim)
+CASES = {
+    "sliding-odd-gqa": (sp.Sliding(left=300, right=200), 1000, 1000, 4, 2, 128),
+    "sliding-causal-mqa": (sp.Sliding(window=700, causal=True), 2100, 2100, 4, 1, 64),
+    "sliding-decode": (sp.Sliding(left=500, right=0), 200, 1300, 2, 2, 72),
+    "blocked": (sp.Blocked(block=512), 3000, 3000, 2, 2, 128),
+    "na2d-17x23": (sp.Neighborhood(shape=(17, 23), window=7), 391, 391, 2, 1, 128),
+    "na2d-stride": (sp.Neighborhood(shape=(40, 50), window=(9, 13), stride=(2, 4)), 2000, 2000,
+                    3, 3, 32),
+    "na3d-odd": (sp.Neighborhood(shape=(5, 17, 23), window=(3, 5, 7)), 1955, 1955, 2, 2, 128),
+    "na3d-causal": (sp.Neighborhood(shape=(6, 16, 16), window=(3, 5, 5), causal=(True, False,
+                                                                                False)),
+                    1536, 1536, 4, 2, 96),
+}
+
+
+# Cases whose Gluon plans do at most launch.GLUON_BWD_MAX_WORK times the Triton plan's work,
+# so that sparse_attention's backward takes both Gluon kernels.
+CHOSEN = {
+    "blocked": CASES["blocked"],
+    "sliding-long-causal": (sp.Sliding(window=2048, causal=True), 6000, 6000, 4, 2, 128),
+}
+
+
+def _inputs(case: str, dtype: torch.dtype):
+    pattern, sq, skv, h, hk, d = CASES[case] if case in CASES else CHOSEN[case]
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    make = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=dtype)
+    return pattern, make(2, h, sq, d), make(2, hk, skv, d), make(2, hk, skv, d), make(2, h, sq, d)
+
+
+def test_tiles_and_scope() -> None:
+    """dQ: 128-token Q tiles over 64-token KV tiles; dK/dV: 64 over 128 (boxes on a grid).
+    Both: fp16/bf16 with equal head dims up to 128, static patterns without gathered keys or a
+    block matrix, no key bias; dQ also needs FULL tiles that form boxes."""
+    sliding = sp.Sliding(left=300, right=200)
+    assert dq_tiles(sliding, 1000, 1000) == ((128,), (64,))
+    assert dkdv_tiles(sliding, 1000, 1000) == ((64,), (128,))
+    na = sp.Neighborhood(shape=(17, 23), window=7)
+    for (qt, kt), tokens in ((dq_tiles(na, 391, 391), (128, 64)),
+                             (dkdv_tiles(na, 391, 391), (64, 128))):
+        assert (len(qt), len(kt)) == (2, 2)
+        assert (qt[0] * qt[1], kt[0] * kt[1]) == tokens
+    for tiles, in_scope in ((dq_tiles, dq_in_scope), (dkdv_tiles, dkdv_in_scope)):
+        plan = build_plan(sliding, 1000, 1000, *tiles(sliding, 1000, 1000))
+        assert in_scope(plan, torch.bfloat16, 128, 128) and in_scope(plan, torch.float16, 64, 64)
+        assert not in_scope(plan, torch.float32, 128, 128)
+        assert not in_scope(plan, torch.bfloat16, 256, 256)
+        assert not in_scope(plan, torch.bfloat16, 128, 64)
+        assert not in_scope(plan, torch.bfloat16, 128, 128, key_bias=True)
+        vertical = sp.Sliding(left=512, right=512) | sp.Global(every=64)
+        gathered = build_plan(vertical, 4096, 4096, *tiles(vertical, 4096, 4096))
+        assert gathered.gather is not None
+        assert not in_scope(gathered, torch.bfloat16, 128, 128)
+    default = build_plan(sliding, 1000, 1000)  # 128/64: the dQ kernel's, not dK/dV's
+    assert dq_in_scope(default, torch.bfloat16, 128, 128)
+    assert not dkdv_in_scope(default, torch.bfloat16, 128, 128)
+
+
+def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gluon kernel runs where it is in scope and its plan does at most GLUON_BWD_MAX_WORK
+    times the Triton plan's work: blocked (1.02x) takes both, a small 2-D neighborhood (1.22x)
+    neither; without Hopper, or with SPCOMPILE_SM90=0, neither."""
+    monkeypatch.setattr(launch, "gluon_enabled", lambda q: True)
+    monkeypatch.setattr(launch, "GLUON_DQ", True)
+    q = torch.empty(1, 2, 3000, 128, dtype=torch.bfloat16)
+    for case, want in (("blocked", "sm90"), ("na2d-17x23", "triton")):
+        pattern, sq, skv = CASES[case][:3]
+        plans = [build_plan(pattern, sq, skv, *tiles(pattern, sq, skv))
+                 for tiles in (backward_tiles, dq_tiles, dkdv_tiles)]
+        assert launch.backward_kernels(q, q, None, *plans) == (want, want), case
+        assert launch.backward_kernels(q.float(), q.float(), None, *plans) == ("triton",) * 2
+    monkeypatch.undo()
+    pattern, sq, skv = CASES["blocked"][:3]
+    plans = [build_plan(pattern, sq, skv, *tiles(pattern, sq, skv))
+             for tiles in (backward_tiles, dq_tiles, dkdv_tiles)]
+    assert launch.backward_kernels(q, q, None, *plans) == ("triton", "triton")  # a CPU tensor
+
+
+def test_lowers_for_sm90() -> None:
+    """Both generated kernels of a 1-D, a 2-D and a 3-D plan compile for Hopper on any
+    machine: a producer and two consumers with their register budgets, TMA copies and stores,
+    warpgroup MMAs, at most 227 KiB of shared memory and a ring at least two deep."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")),
+                          "--gluon-bwd"], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode == 3:
+        pytest.skip("no Triton NVIDIA backend")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for built in json.loads(run.stdout.splitlines()[-1]):
+        assert built["tma_ops"] > 0 and built["wgmma"] > 0 and built["setmaxnreg"] > 0, built
+        assert built["shared"] <= 227 * 1024, built
+        assert built["stages"] >= 2, built
+
+
+def _reference_grads(pattern, q, k, v, do):
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    sp.reference_attention(*ref, pattern).backward(do.double())
+    return [x.grad for x in ref]
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case: str, dtype: torch.dtype) -> None:
+    """dQ, delta, dK and dV against float64 and the Triton kernels, and equal bit for bit on a
+    second run (no atomics)."""
+    pattern, q, k, v, do = _inputs(case, dtype)
+    sq, skv = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5
+    out, lse = attn_fwd(q, k, v, build_plan(pattern, sq, skv), scale)
+    dq_plan = build_plan(pattern, sq, skv, *dq_tiles(pattern, sq, skv))
+    dkdv_plan = build_plan(pattern, sq, skv, *dkdv_tiles(pattern, sq, skv))
+    assert launch.gluon_enabled(q), "the cases run the Gluon kernels"
+    dq, delta = attn_bwd_dq_sm90(do, q, k, v, out, lse, dq_plan, scale) or (None, None)
+    dk, dv = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale) or (None, None)
+    assert dq is not None and dk is not None
+    ref_dq, ref_dk, ref_dv = _reference_grads(pattern, q, k, v, do)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for name, got, want in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        assert _rel(got, want) < tol, f"{name}: rel err {_rel(got, want):.2e}"
+    torch.testing.assert_close(delta, (do.float() * out.float()).sum(-1), atol=1e-3, rtol=1e-3)
+    dq2, delta2 = attn_bwd_dq_sm90(do, q, k, v, out, lse, dq_plan, scale) or (None, None)
+    dk2, dv2 = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale) or (None, None)
+    for a, b in ((dq, dq2), (delta, delta2), (dk, dk2), (dv, dv2)):
+        assert b is not None and torch.equal(a, b)
+    triton_dq, _ = attn_bwd_dq(do, q, k, v, out, lse, dq_plan, scale)
+    triton_dk, triton_dv = attn_bwd_dkdv(do, q, k, v, lse, delta, dkdv_plan, scale)
+    for got, want in ((dq, triton_dq), (dk, triton_dk), (dv, triton_dv)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", list(CHOSEN))
+def test_gradients_through_sparse_attention(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sparse_attention's backward takes the Gluon kernels (dQ where ``GLUON_DQ`` is on), and
+    its gradients hold."""
+    from spcompile.codegen import sm90_bwd
+
+    calls: list[str] = []
+    for name in ("attn_bwd_dq_sm90", "attn_bwd_dkdv_sm90"):
+        kernel = getattr(sm90_bwd, name)
+        monkeypatch.setattr(sm90_bwd, name, lambda *a, _k=kernel, _n=name, **kw:
+                            calls.append(_n) or _k(*a, **kw))
+    pattern, q, k, v, do = _inputs(case, torch.bfloat16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    sp.sparse_attention(q, k, v, pattern).backward(do)
+    want = ["attn_bwd_dkdv_sm90", "attn_bwd_dq_sm90"] if launch.GLUON_DQ else ["attn_bwd_dkdv_sm90"]
+    assert sorted(calls) == want, calls
+    for got, want in zip((q.grad, k.grad, v.grad), _reference_grads(pattern, q, k, v, do),
+                         strict=True):
+        assert _rel(got, want) < 2e-2
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_non_contiguous_inputs() -> None:
+    """q, k, v, dO as [B, S, H, D] tensors seen as [B, H, S, D]: both kernels read them through
+    their strides (1-D plans), and the gradients hold."""
+    pattern, sq, skv, h, hk, d = CASES["sliding-odd-gqa"]
+    make = lambda heads: torch.randn(2, sq, heads, d, device="cuda",
+                                     dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v, do = make(h), make(hk), make(hk), make(h)
+    assert not q.is_contiguous()
+    scale = d ** -0.5
+    out, lse = attn_fwd(q, k, v, build_plan(pattern, sq, skv), scale)
+    dq, delta = attn_bwd_dq_sm90(do, q, k, v, out, lse,
+                                 build_plan(pattern, sq, skv, *dq_tiles(pattern, sq, skv)),
+                                 scale) or (None, None)
+    assert dq is not None
+    dkdv = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta,
+                              build_plan(pattern, sq, skv, *dkdv_tiles(pattern, sq, skv)), scale)
+    assert dkdv is not None
+    for got, want in zip((dq, *dkdv), _reference_grads(pattern, q, k, v, do), strict=True):
+        assert _rel(got, want) < 2e-2
