@@ -14,6 +14,7 @@ region (row-major tokens, as its users would write it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -31,7 +32,9 @@ from suite import Row, held_out, suite
 
 import spcompile as sp
 from spcompile.codegen.fwd import attn_fwd
-from spcompile.codegen.launch import forward, forward_kernel
+from spcompile.codegen.launch import backward_kernels, forward, forward_kernel
+from spcompile.codegen.sm90_bwd import dkdv_tiles, dq_tiles
+from spcompile.plan.choose import backward_tiles
 from spcompile.plan.tiles import allowed_pairs, build_plan
 from spcompile.plan.topk import block_lists, estimate_blocks, selected_pairs
 from spcompile.sim import simulate
@@ -165,6 +168,16 @@ def kernel_of(row: Row, q, v) -> str:
     return forward_kernel(build_plan(row.pattern, row.seq_len, row.seq_len), q, v)
 
 
+def backward_kernels_of(row: Row, q, v) -> tuple[str, str]:
+    """Which dQ and dK/dV kernels the backward runs ("sm90" or "triton", as ``kernel_of``)."""
+    if isinstance(row.pattern, (sp.TopK, sp.PerHead)):
+        return "triton", "triton"
+    s = row.seq_len
+    plans = [build_plan(row.pattern, s, s, *tiles(row.pattern, s, s))
+             for tiles in (backward_tiles, dq_tiles, dkdv_tiles)]
+    return backward_kernels(q, v, None, *plans)
+
+
 def run_row(row: Row, args) -> dict:
     s = row.seq_len
     dev = "cuda"
@@ -227,21 +240,33 @@ def run_row(row: Row, args) -> dict:
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
         do = torch.randn_like(q)
 
-        def sdpa_fb():
-            F.scaled_dot_product_attention(qg, kg, vg).backward(do)
+        # Gradients are dropped before each step, as optimizer.zero_grad() does by default
+        # (set_to_none), so the step writes them instead of adding into the previous ones. The
+        # accumulating step (every run before session 8) is timed too: its three in-place adds
+        # over q, k and v (~0.3 ms at S = 16k on the H100) fall on both sides alike.
+        def step(attention, accumulate: bool):
+            def run():
+                if not accumulate:
+                    qg.grad = kg.grad = vg.grad = None
+                attention(qg, kg, vg).backward(do)
+            return run
 
-        def ours_fb():
-            sp.sparse_attention(qg, kg, vg, row.pattern).backward(do)
-
-        fb = interleaved_ms({"sdpa": sdpa_fb, "ours": ours_fb})
+        sdpa = F.scaled_dot_product_attention
+        ours = functools.partial(sp.sparse_attention, pattern=row.pattern)
+        fb = interleaved_ms({"sdpa": step(sdpa, False), "ours": step(ours, False),
+                             "sdpa_acc": step(sdpa, True), "ours_acc": step(ours, True)})
         res["sdpa_fb_ms"], res["ours_fb_ms"] = (statistics.median(fb[n]) for n in ("sdpa", "ours"))
+        res["sdpa_fb_acc_ms"], res["ours_fb_acc_ms"] = (statistics.median(fb[n])
+                                                        for n in ("sdpa_acc", "ours_acc"))
+        res["fb_acc_speedup"] = res["sdpa_fb_acc_ms"] / res["ours_fb_acc_ms"]
+        res["dq_kernel"], res["dkdv_kernel"] = backward_kernels_of(row, q, v)
         # Memory above the inputs, outputs and gradients that any attention needs: O(S^2) would
         # show here (an S x S bool mask at 128k tokens is 16 GiB).
         qg.grad = kg.grad = vg.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        ours_fb()
+        step(ours, False)()
         torch.cuda.synchronize()
         res["ours_fb_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         res["fb_speedup"] = res["sdpa_fb_ms"] / res["ours_fb_ms"]
@@ -286,8 +311,10 @@ def main() -> None:
               f"{r['sdpa_ms']:8.2f} {r['ours_ms']:7.3f} {r['speedup']:7.2f}x "
               f"{r['predicted_speedup']:5.2f}x {r['goal'] or 0:5.1f} "
               f"{flex:>6s} {r['ours_dense_equiv_tflops']:6.0f}"
-              + (f"  fb {r['fb_speedup']:.2f}x +{r['ours_fb_peak_extra_mib']:.0f}MiB"
-                 if "fb_speedup" in r else "")
+              + (f"  fb {r['fb_speedup']:.2f}x ({r['fb_speedup'] / r['speedup']:.0%}; "
+                 f"accumulating {r['fb_acc_speedup']:.2f}x) "
+                 f"dQ {r['dq_kernel']} dK/dV {r['dkdv_kernel']} "
+                 f"+{r['ours_fb_peak_extra_mib']:.0f}MiB" if "fb_speedup" in r else "")
               + (f"  est {r['estimation_ms']:.2f} lists {r['lists_ms']:.2f} kernel "
                  f"{r['kernel_ms']:.2f} ms kept {r['kept_mass_random']['kept']:.3f}"
                  f"/{r.get('kept_mass_structured', {}).get('kept', float('nan')):.3f}"

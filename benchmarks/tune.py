@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
     if args.sm90:
-        tune_sm90(rows, args.out)
+        (tune_sm90_bwd if args.bwd else tune_sm90)(rows, args.out)
         return
     if args.persistent or (args.loops and not args.bwd):
         tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
@@ -235,6 +235,91 @@ def tune_sm90(rows, out_path: str) -> None:
             results.append(res)
             print(json.dumps(res), flush=True)
         if out_path:  # after every row: a run cut short keeps what it measured
+            Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def tune_sm90_bwd(rows, out_path: str) -> None:
+    """The Hopper backward kernels (``codegen.sm90_bwd``, each on its own tiles; dQ pipelined
+    and plain) at every ring depth that fits, against the Triton kernels at the backward's
+    default tiles, with our forward and SDPA's forward and fwd+bwd: timed in three alternating
+    rounds. Each Gluon variant's gradients are checked against the Triton kernel's; the
+    summary's fwd+bwd over SDPA's is our forward + the fastest dQ + the fastest dK/dV, all from
+    this run."""
+    from spcompile.codegen.launch import forward
+    from spcompile.codegen.sm90_bwd import (
+        attn_bwd_dkdv_sm90,
+        attn_bwd_dq_sm90,
+        dkdv_stages,
+        dkdv_tiles,
+        dq_stages,
+        dq_tiles,
+    )
+
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        scale = 1.0 / D ** 0.5
+        fwd_plan = build_plan(row.pattern, s, s)
+        out, lse = forward(q, k, v, fwd_plan, scale)
+        plan = build_plan(row.pattern, s, s, *backward_tiles(row.pattern, s, s, D))
+        ref_dq, delta = attn_bwd_dq(do, q, k, v, out, lse, plan, scale)
+        ref_dkdv = attn_bwd_dkdv(do, q, k, v, lse, delta, plan, scale)
+        fns = {"sdpa": functools.partial(F.scaled_dot_product_attention, q, k, v),
+               "sdpa_fb": lambda qg=qg, kg=kg, vg=vg, do=do: F.scaled_dot_product_attention(
+                   qg, kg, vg).backward(do),
+               "fwd": functools.partial(forward, q, k, v, fwd_plan, scale),
+               "dq_triton": functools.partial(attn_bwd_dq, do, q, k, v, out, lse, plan, scale),
+               "dkdv_triton": functools.partial(attn_bwd_dkdv, do, q, k, v, lse, delta, plan,
+                                                scale)}
+        plans = {"dq_triton": plan, "dkdv_triton": plan}
+        dq_plan = build_plan(row.pattern, s, s, *dq_tiles(row.pattern, s, s))
+        dkdv_plan = build_plan(row.pattern, s, s, *dkdv_tiles(row.pattern, s, s))
+        kernels = (("dq", dq_plan, dq_stages(dq_plan, D), ref_dq[:1],
+                    functools.partial(attn_bwd_dq_sm90, do, q, k, v, out, lse, dq_plan, scale)),
+                   ("dq_plain", dq_plan, dq_stages(dq_plan, D), ref_dq[:1],
+                    functools.partial(attn_bwd_dq_sm90, do, q, k, v, out, lse, dq_plan, scale,
+                                      pipelined=False)),
+                   ("dkdv", dkdv_plan, dkdv_stages(dkdv_plan, D), ref_dkdv,
+                    functools.partial(attn_bwd_dkdv_sm90, do, q, k, v, lse, delta, dkdv_plan,
+                                      scale)))
+        agreement = {}
+        for kind, sm90_plan, most, ref, kernel in kernels:
+            for stages in range(2, most + 1):
+                fn = functools.partial(kernel, stages=stages)
+                got = fn()
+                if got is None:
+                    print(row.id, kind, "sm90: declined the tensors", flush=True)
+                    break
+                name = f"{kind}_sm90_s{stages}"
+                agreement[name] = max(float((a.float() - b.float()).norm() / b.float().norm())
+                                      for a, b in zip(got, ref, strict=False))
+                fns[name], plans[name] = fn, sm90_plan
+        rounds = interleaved_ms(fns)
+        ms = {name: statistics.median(r) for name, r in rounds.items()}
+        for name in fns:
+            res = {"id": row.id, "variant": name, "ms": ms[name], "rounds_ms": rounds[name],
+                   "agreement": agreement.get(name)}
+            if name in plans:
+                p = plans[name]
+                base = ms[name.split("_")[0] + "_triton"]
+                res.update(q=p.q_tile, kv=p.kv_tile, tile_bound=p.tile_bound,
+                           vs_triton=base / ms[name])
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        best = {kind: min((n for n in fns if n.startswith(kind + "_")), key=ms.__getitem__)
+                for kind in ("dq", "dkdv")}
+        summary = {"id": row.id, "summary": True, "best": best,
+                   "fwd_speedup": ms["sdpa"] / ms["fwd"],
+                   "fb_speedup_triton": ms["sdpa_fb"] / (ms["fwd"] + ms["dq_triton"]
+                                                         + ms["dkdv_triton"]),
+                   "fb_speedup_best": ms["sdpa_fb"] / (ms["fwd"] + ms[best["dq"]]
+                                                       + ms[best["dkdv"]])}
+        results.append(summary)
+        print("BEST", json.dumps(summary), flush=True)
+        if out_path:
             Path(out_path).write_text(json.dumps(results, indent=1))
 
 
