@@ -33,8 +33,7 @@ and the dQ accumulator stay within a consumer's registers), 64-token Q tiles ove
 tiles for dK/dV; boxes visiting the fewest tiles on a grid. Scope (``dq_in_scope``,
 ``dkdv_in_scope``): the forward's (``sm90.gluon_plan``, ``sm90.gluon_call``). Other calls run
 ``bwd.attn_bwd_dq`` / ``bwd.attn_bwd_dkdv``: ``codegen.launch.backward_kernels`` decides per
-kernel, by scope and by how much more work the larger tiles cost (``GLUON_BWD_MAX_WORK``). The
-dQ kernel is off there (``GLUON_DQ``) until it has run on a GPU.
+kernel, by scope and by how much more work the larger tiles cost (``GLUON_BWD_MAX_WORK``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ CASES = {
 # so that sparse_attention's backward takes both Gluon kernels.
 CHOSEN = {
     "blocked": CASES["blocked"],
-    "sliding-long-causal": (sp.Sliding(window=2048, causal=True), 6000, 6000, 4, 2, 128),
+    "sliding-long-causal": (sp.Sliding(window=2048, causal=True), 6000, 6000, 2, 1, 128),
 }
 
 
