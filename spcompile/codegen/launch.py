@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -80,10 +81,13 @@ def backward_kernels(q: Tensor, v: Tensor, key_bias: Tensor | None, plan: TilePl
     args = (q.dtype, q.shape[-1], v.shape[-1], key_bias is not None)
     on = gluon_enabled(q)
     limit = GLUON_BWD_MAX_WORK * _work(plan)
-    offered = ((dq_plan if GLUON_DQ else None, dq_in_scope), (dkdv_plan, dkdv_in_scope))
-    return tuple(  # type: ignore[return-value]
-        "sm90" if on and p is not None and in_scope(p, *args) and _work(p) <= limit
-        else "triton" for p, in_scope in offered)
+
+    def pick(offered: TilePlan | None, in_scope: Callable[..., bool]) -> str:
+        if not on or offered is None or not in_scope(offered, *args):
+            return "triton"
+        return "sm90" if _work(offered) <= limit else "triton"
+
+    return pick(dq_plan if GLUON_DQ else None, dq_in_scope), pick(dkdv_plan, dkdv_in_scope)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float | None = None,
@@ -118,11 +122,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     q, k, v, do, out, lse, scale = prepare(q, k, v, do, out, lse, scale)
     use_dq, use_dkdv = backward_kernels(q, v, key_bias, plan, dq_plan, dkdv_plan)
     got = None
-    if use_dq == "sm90":
+    if use_dq == "sm90" and dq_plan is not None:
         got = attn_bwd_dq_sm90(do, q, k, v, out, lse, dq_plan, scale)
     dq, delta = got or attn_bwd_dq(do, q, k, v, out, lse, plan, scale, key_bias=key_bias)
     got = None
-    if use_dkdv == "sm90":
+    if use_dkdv == "sm90" and dkdv_plan is not None:
         got = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale)
     dk, dv = got or attn_bwd_dkdv(do, q, k, v, lse, delta, plan, scale, key_bias=key_bias)
     return dq, dk, dv
