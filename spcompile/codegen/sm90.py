@@ -124,14 +124,8 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     BLOCK_D: gl.constexpr = k_smem.type.shape[2]
     dtype: gl.constexpr = OD.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+{layouts}
+    o_rows: gl.constexpr = gl.SliceLayout(1, d_layout)
 
     offs_m = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
     offs_n = gl.arange(0, BLOCK_N, layout=cols)
@@ -144,7 +138,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
     q = q_smem.index(HALF)
     qk_scale = sm_scale * 1.4426950408889634
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([ROWS, BLOCK_D], gl.float32, o_layout)
+    acc = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, rows)
     l_i = gl.zeros([ROWS], gl.float32, rows)
     mbarrier.wait(q_bar, 0)
@@ -160,7 +154,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
         s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
         mbarrier.wait(v_full.index(prev), ((it - 1) // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(prev), acc,
+        acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(prev), acc,
                             is_async=True)
         s = warpgroup_mma_wait(1, deps=(s,))
         mbarrier.arrive(k_empty.index(stage))
@@ -170,7 +164,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     last = (n - 1) % STAGES
     mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
 
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -195,36 +189,7 @@ def attn_fwd_sm90(
     sm_scale, s_lb, s_lh, part_stride, H, H_KV,
     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
 ):
-    dtype: gl.constexpr = QD.dtype
-    tile2d: gl.constexpr = gl.NVMMASharedLayout(
-        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    pid = gl.program_id(0)
-    bh = pid // {num_q_tiles}
-    rank = pid % {num_q_tiles}
-    b = bh // H
-    h = bh % H
-    hk = h // (H // H_KV)
-    tile = gl.load(SCHEDULE + rank)
-    n_full = gl.load(FULL_CNT + tile)
-    n = n_full + {n_part}
-
-    # Q as two 64-row halves, one per consumer: each half is a whole NVMMA tile (a [128, D]
-    # tile wider than the swizzle is stored column block by column block, so its row halves
-    # would not be contiguous).
-    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_full.index(i), count=1)
-        mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
-        mbarrier.init(v_empty.index(i), count=2)
+{program}
     shared = (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty)
     work = (tile, n_full, n, FULL_BOX, PART_IDX, part_stride)
     gl.warp_specialize(
@@ -253,6 +218,64 @@ p = p32.to(dtype)"""
 # Q, K and V buffers (mbarriers, alignment).
 _SMEM_LIMIT = 232448
 _SMEM_SLACK = 1024
+
+
+# One consumer warpgroup's layouts: its [64, {cols}] scores (``s_layout``, sliced into ``rows``
+# and ``cols``), its [64, BLOCK_D] accumulators (``d_layout``), and the register operand of a
+# product that accumulates into one (``a_layout``: P or dS as the MMA's A).
+CONSUMER_LAYOUTS = """\
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, {cols}, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)"""
+
+# The start of a kernel whose program owns one Q tile of one head (the forward, dQ): its tile
+# (SCHEDULE: most KV tiles first), the 64-row halves of each per-row buffer ({rows}), and the
+# K/V ring with its mbarriers.
+_Q_TILE_PROGRAM = """\
+    dtype: gl.constexpr = QD.dtype
+    tile2d: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    pid = gl.program_id(0)
+    bh = pid // {num_q_tiles}
+    rank = pid % {num_q_tiles}
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+    tile = gl.load(SCHEDULE + rank)
+    n_full = gl.load(FULL_CNT + tile)
+    n = n_full + {n_part}
+
+    # The Q tile's rows as two 64-row halves, one per consumer: each half is a whole NVMMA
+    # tile (a [128, D] tile wider than the swizzle is stored column block by column block, so
+    # its row halves would not be contiguous).
+{rows}
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
+        mbarrier.init(v_empty.index(i), count=2)"""
+
+
+def q_tile_program(plan: TilePlan, rows: list[str]) -> str:
+    """``_Q_TILE_PROGRAM`` for ``plan``, with a [2, 64, BLOCK_D] buffer for each name in
+    ``rows``."""
+    return _Q_TILE_PROGRAM.format(
+        num_q_tiles=plan.num_q_tiles,
+        n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0",
+        rows="\n".join(f"    {r} = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)"
+                       for r in rows))
 
 
 def _gl(lines: list[str], indent: int) -> str:
@@ -307,13 +330,12 @@ def sm90_source(plan: TilePlan) -> str:
     q = plan.q_layout
     q_1d = layout_code(q, "q", "tile", "offs_m", "")
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
-    has_part = bool(plan.part_cnt.any())
     return _HEADER + kv_loop_source(plan, [("QD", "q_smem")]) + _TEMPLATE.format(
         halves=consumer_halves(_CONSUMER_PARAMS),
         o_coords=half_coords(q, "HALF"),
         q_halves=_shape("2", plan, half_box(q)),
-        num_q_tiles=plan.num_q_tiles,
-        n_part="gl.load(PART_CNT + tile)" if has_part else "0",
+        layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_N"),
+        program=q_tile_program(plan, ["q_smem"]),
         q_layout=_gl(q_1d, 4),
         q_2d=_gl(q_2d, 4),
         offset=plan.kv_len - plan.q_len,

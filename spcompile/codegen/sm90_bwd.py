@@ -54,6 +54,7 @@ from .sm90 import (
     _HEADER,
     _SMEM_LIMIT,
     _SMEM_SLACK,
+    CONSUMER_LAYOUTS,
     _gl,
     _shape,
     consumer_halves,
@@ -62,6 +63,7 @@ from .sm90 import (
     half_box,
     half_coords,
     kv_loop_source,
+    q_tile_program,
     swizzle_bytes,
 )
 
@@ -81,13 +83,7 @@ def consumer(DQD, O, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, q_bar, k_full,
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     BLOCK_D: gl.constexpr = k_smem.type.shape[2]
     dtype: gl.constexpr = DQD.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+{layouts}
 
     offs_m = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
     offs_n = gl.arange(0, BLOCK_N, layout=cols)
@@ -131,34 +127,7 @@ def attn_bwd_dq_sm90(
     sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, part_stride, H, H_KV, head_dim,
     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
 ):
-    dtype: gl.constexpr = QD.dtype
-    tile2d: gl.constexpr = gl.NVMMASharedLayout(
-        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    pid = gl.program_id(0)
-    bh = pid // {num_q_tiles}
-    rank = pid % {num_q_tiles}
-    b = bh // H
-    h = bh % H
-    hk = h // (H // H_KV)
-    tile = gl.load(SCHEDULE + rank)
-    n_full = gl.load(FULL_CNT + tile)
-    n = n_full + {n_part}
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
-    do_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_full.index(i), count=1)
-        mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
-        mbarrier.init(v_empty.index(i), count=2)
+{program}
     ring = (k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty)
     work = (tile, n_full, n, FULL_BOX, PART_IDX, part_stride)
     rest = (sm_scale, s_lb, s_lh, s_ob, s_oh, s_os, head_dim)
@@ -291,13 +260,7 @@ def consumer(DKD, DVD, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, kv_bar, full
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     BLOCK_D: gl.constexpr = q_smem.type.shape[2]
     dtype: gl.constexpr = DKD.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+{layouts}
 
     offs_n = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
     offs_m = gl.arange(0, BLOCK_M, layout=cols)
@@ -454,8 +417,8 @@ def dq_source(plan: TilePlan, pipelined: bool = True) -> str:
         q_halves=_shape("2", plan, half_box(q)),
         dq_coords=half_coords(q, "HALF"),
         halves=consumer_halves(_DQ_PARAMS),
-        num_q_tiles=plan.num_q_tiles,
-        n_part="gl.load(PART_CNT + tile)" if has_part else "0",
+        layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_N"),
+        program=q_tile_program(plan, ["q_smem", "do_smem"]),
     )
 
 
@@ -484,6 +447,7 @@ def dkdv_source(plan: TilePlan) -> str:
         q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 12),
         mask=mask,
         halves=consumer_halves(_DKDV_PARAMS),
+        layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_M"),
         num_kv_tiles=plan.num_kv_tiles,
         n_part="gl.load(T_PART_CNT + kv_tile)" if has_part else "0",
         block_m=q.tile_size,
