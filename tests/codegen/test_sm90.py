@@ -8,44 +8,14 @@ neighborhoods on odd grids (strided, causal), GQA, head dims 32 to 128, fp16 and
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from sm90_cases import CASES, HOPPER, gluon_builds, random_inputs, strided_inputs
 
 import spcompile as sp
 from spcompile.codegen import launch
 from spcompile.codegen.sm90 import attn_fwd_sm90, half_box, half_coords, sm90_eligible
 from spcompile.plan.tiles import build_plan
-
-ROOT = Path(__file__).resolve().parents[2]
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-# name: (pattern, q_len, kv_len, heads, kv_heads, head dim)
-CASES = {
-    "sliding-odd-gqa": (sp.Sliding(left=300, right=200), 1000, 1000, 4, 2, 128),
-    "sliding-causal": (sp.Sliding(window=700, causal=True), 2100, 2100, 2, 1, 64),
-    "sliding-decode": (sp.Sliding(left=500, right=0), 200, 1300, 2, 2, 72),
-    "blocked": (sp.Blocked(block=512), 3000, 3000, 2, 2, 128),
-    "na2d-17x23": (sp.Neighborhood(shape=(17, 23), window=7), 391, 391, 2, 1, 128),
-    "na2d-stride": (sp.Neighborhood(shape=(40, 50), window=(9, 13), stride=(2, 4)), 2000, 2000,
-                    3, 3, 32),
-    "na3d-odd": (sp.Neighborhood(shape=(5, 17, 23), window=(3, 5, 7)), 1955, 1955, 2, 2, 128),
-    "na3d-causal": (sp.Neighborhood(shape=(6, 16, 16), window=(3, 5, 5), causal=(True, False,
-                                                                                False)),
-                    1536, 1536, 2, 1, 96),
-}
-
-
-def _inputs(case: str, dtype: torch.dtype, device: str = "cuda"):
-    pattern, sq, skv, h, hk, d = CASES[case]
-    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
-    make = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype)
-    return pattern, make(2, h, sq, d), make(2, hk, skv, d), make(2, hk, skv, d)
 
 
 def test_half_boxes_split_the_first_long_axis() -> None:
@@ -86,14 +56,7 @@ def test_lowers_for_sm90() -> None:
     """The generated Gluon kernel of a 1-D, a 2-D and a 3-D plan compiles for Hopper on any
     machine (Triton's bundled ptxas): one producer and two consumers with their register
     budgets, TMA copies, warpgroup MMAs, and at most 227 KiB of shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")),
-                          "--gluon"], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 3:
-        pytest.skip("no Triton NVIDIA backend")
-    assert run.returncode == 0, run.stderr[-3000:]
-    for built in json.loads(run.stdout.splitlines()[-1]):
+    for built in gluon_builds("--gluon"):
         assert built["tma_ops"] > 0 and built["wgmma"] > 0 and built["setmaxnreg"] > 0, built
         assert built["shared"] <= 227 * 1024, built
         assert built["stages"] >= 3, built
@@ -103,7 +66,7 @@ def test_lowers_for_sm90() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
-    pattern, q, k, v = _inputs(case, dtype)
+    pattern, q, k, v = random_inputs(CASES[case], dtype)
     plan = build_plan(pattern, q.shape[2], k.shape[2])
     assert launch.forward_kernel(plan, q, v) == "sm90", "the case must run the Gluon kernel"
     result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5)
@@ -121,7 +84,7 @@ def test_matches_reference(case: str, dtype: torch.dtype) -> None:
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 def test_gradients_through_the_gluon_forward() -> None:
     """sparse_attention's backward reads the Gluon forward's output and LSE."""
-    pattern, q, k, v = _inputs("na3d-odd", torch.bfloat16)
+    pattern, q, k, v = random_inputs(CASES["na3d-odd"], torch.bfloat16)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     plan = build_plan(pattern, q.shape[2], k.shape[2])
     assert launch.forward_kernel(plan, q, v) == "sm90"
@@ -138,10 +101,8 @@ def test_gradients_through_the_gluon_forward() -> None:
 def test_non_contiguous_inputs() -> None:
     """q, k, v as [B, S, H, D] tensors seen as [B, H, S, D] (what a model's projections give):
     TMA reads them through their strides, no copy."""
-    pattern, sq, skv, h, hk, d = CASES["sliding-odd-gqa"]
-    make = lambda heads: torch.randn(2, sq, heads, d, device="cuda",
-                                     dtype=torch.bfloat16).transpose(1, 2)
-    q, k, v = make(h), make(hk), make(hk)
+    pattern, sq, skv, _, _, d = CASES["sliding-odd-gqa"]
+    q, k, v = strided_inputs(CASES["sliding-odd-gqa"], 3)
     assert not q.is_contiguous()
     plan = build_plan(pattern, sq, skv)
     result = attn_fwd_sm90(q, k, v, plan, d ** -0.5)

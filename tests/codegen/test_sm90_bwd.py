@@ -9,14 +9,10 @@ sliding (causal, decode-shaped with Sq < Skv), blocked, 2-D and 3-D neighborhood
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import sm90_cases
 import torch
+from sm90_cases import HOPPER, gluon_builds, random_inputs, strided_inputs
 
 import spcompile as sp
 from spcompile.codegen import launch
@@ -33,23 +29,11 @@ from spcompile.codegen.sm90_bwd import (
 from spcompile.plan.choose import backward_tiles
 from spcompile.plan.tiles import build_plan
 
-ROOT = Path(__file__).resolve().parents[2]
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-# name: (pattern, q_len, kv_len, heads, kv_heads, head dim)
-CASES = {
-    "sliding-odd-gqa": (sp.Sliding(left=300, right=200), 1000, 1000, 4, 2, 128),
-    "sliding-causal-mqa": (sp.Sliding(window=700, causal=True), 2100, 2100, 4, 1, 64),
-    "sliding-decode": (sp.Sliding(left=500, right=0), 200, 1300, 2, 2, 72),
-    "blocked": (sp.Blocked(block=512), 3000, 3000, 2, 2, 128),
-    "na2d-17x23": (sp.Neighborhood(shape=(17, 23), window=7), 391, 391, 2, 1, 128),
-    "na2d-stride": (sp.Neighborhood(shape=(40, 50), window=(9, 13), stride=(2, 4)), 2000, 2000,
-                    3, 3, 32),
-    "na3d-odd": (sp.Neighborhood(shape=(5, 17, 23), window=(3, 5, 7)), 1955, 1955, 2, 2, 128),
-    "na3d-causal": (sp.Neighborhood(shape=(6, 16, 16), window=(3, 5, 5), causal=(True, False,
-                                                                                False)),
-                    1536, 1536, 4, 2, 96),
-}
+# The shared cases, with more query heads per KV head on two (dK/dV loops over the group).
+CASES = {**sm90_cases.CASES,
+         "sliding-causal": (sp.Sliding(window=700, causal=True), 2100, 2100, 4, 1, 64),
+         "na3d-causal": (sp.Neighborhood(shape=(6, 16, 16), window=(3, 5, 5),
+                                         causal=(True, False, False)), 1536, 1536, 4, 2, 96)}
 
 
 # Cases whose Gluon plans do at most launch.GLUON_BWD_MAX_WORK times the Triton plan's work,
@@ -58,13 +42,6 @@ CHOSEN = {
     "blocked": CASES["blocked"],
     "sliding-long-causal": (sp.Sliding(window=2048, causal=True), 6000, 6000, 2, 1, 128),
 }
-
-
-def _inputs(case: str, dtype: torch.dtype):
-    pattern, sq, skv, h, hk, d = CASES[case] if case in CASES else CHOSEN[case]
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
-    make = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=dtype)
-    return pattern, make(2, h, sq, d), make(2, hk, skv, d), make(2, hk, skv, d), make(2, h, sq, d)
 
 
 def test_tiles_and_scope() -> None:
@@ -119,14 +96,7 @@ def test_lowers_for_sm90() -> None:
     """Both generated kernels of a 1-D, a 2-D and a 3-D plan compile for Hopper on any
     machine: a producer and two consumers with their register budgets, TMA copies and stores,
     warpgroup MMAs, at most 227 KiB of shared memory and a ring at least two deep."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")),
-                          "--gluon-bwd"], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 3:
-        pytest.skip("no Triton NVIDIA backend")
-    assert run.returncode == 0, run.stderr[-3000:]
-    for built in json.loads(run.stdout.splitlines()[-1]):
+    for built in gluon_builds("--gluon-bwd"):
         assert built["tma_ops"] > 0 and built["wgmma"] > 0 and built["setmaxnreg"] > 0, built
         assert built["shared"] <= 227 * 1024, built
         assert built["stages"] >= 2, built
@@ -148,7 +118,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """dQ, delta, dK and dV against float64 and the Triton kernels, and equal bit for bit on a
     second run (no atomics)."""
-    pattern, q, k, v, do = _inputs(case, dtype)
+    pattern, q, k, v, do = random_inputs(CASES[case], dtype, with_do=True)
     sq, skv = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5
     out, lse = attn_fwd(q, k, v, build_plan(pattern, sq, skv), scale)
@@ -185,7 +155,7 @@ def test_gradients_through_sparse_attention(case: str, monkeypatch: pytest.Monke
         kernel = getattr(sm90_bwd, name)
         monkeypatch.setattr(sm90_bwd, name, lambda *a, _k=kernel, _n=name, **kw:
                             calls.append(_n) or _k(*a, **kw))
-    pattern, q, k, v, do = _inputs(case, torch.bfloat16)
+    pattern, q, k, v, do = random_inputs(CHOSEN[case], torch.bfloat16, with_do=True)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     sp.sparse_attention(q, k, v, pattern).backward(do)
     want = ["attn_bwd_dkdv_sm90", "attn_bwd_dq_sm90"] if launch.GLUON_DQ else ["attn_bwd_dkdv_sm90"]
@@ -199,10 +169,8 @@ def test_gradients_through_sparse_attention(case: str, monkeypatch: pytest.Monke
 def test_non_contiguous_inputs() -> None:
     """q, k, v, dO as [B, S, H, D] tensors seen as [B, H, S, D]: both kernels read them through
     their strides (1-D plans), and the gradients hold."""
-    pattern, sq, skv, h, hk, d = CASES["sliding-odd-gqa"]
-    make = lambda heads: torch.randn(2, sq, heads, d, device="cuda",
-                                     dtype=torch.bfloat16).transpose(1, 2)
-    q, k, v, do = make(h), make(hk), make(hk), make(h)
+    pattern, sq, skv, _, _, d = CASES["sliding-odd-gqa"]
+    q, k, v, do = strided_inputs(CASES["sliding-odd-gqa"], 4)
     assert not q.is_contiguous()
     scale = d ** -0.5
     out, lse = attn_fwd(q, k, v, build_plan(pattern, sq, skv), scale)
