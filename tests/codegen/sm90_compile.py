@@ -32,8 +32,9 @@ from spcompile.plan.tiles import TilePlan, build_plan
 
 HEAD_DIM = 128
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
-             "AUX": "*i8", "sm_scale": "fp32"}
-_LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER", "FULL_BOX")
+             "DELTA": "*fp32", "AUX": "*i8", "sm_scale": "fp32"}
+_LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER", "FULL_BOX",
+          "T_FULL_IDX", "T_FULL_CNT", "T_PART_IDX", "T_PART_CNT")
 
 
 def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[str, Any]:
@@ -71,22 +72,16 @@ def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[
             "tma_ops": kernel.asm["ptx"].count("cp.async.bulk.tensor")}
 
 
-def compile_gluon(plan: TilePlan) -> dict[str, Any]:
-    """The sm_90 build of ``codegen.sm90``'s kernel (bf16, head dim 128): shared bytes, TMA
-    copies and warpgroup MMAs in its PTX."""
+def _build_gluon(name: str, fn: Any, boxes: dict[str, list[int]], const: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Compile Gluon kernel ``fn`` for sm_90 (bf16 descriptors with these boxes, these
+    constexprs): shared bytes, TMA copies, warpgroup MMAs and register-budget changes in its
+    PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from spcompile.codegen import sm90
-
-    fn = load_source(variant_name(plan, "sm90"), sm90.sm90_source(plan)).attn_fwd_sm90
-    half, kv = sm90.boxes(plan, HEAD_DIM)
-    boxes = {"QD": half, "KD": kv, "VD": kv, "OD": half}
-    const = {"BLOCK_N": plan.kv_layout.tile_size, "BLOCK_D": HEAD_DIM,
-             "SWIZZLE": sm90.swizzle_bytes(HEAD_DIM, 2),
-             "STAGES": sm90.launch_stages(plan, HEAD_DIM)}
     signature = {}
     for arg in fn.arg_names:
         if arg in const:
@@ -101,18 +96,27 @@ def compile_gluon(plan: TilePlan) -> dict[str, Any]:
                             constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
-    return {"plan": variant_name(plan, "sm90"), "stages": const["STAGES"],
-            "shared": kernel.metadata.shared, "tma_ops": ptx.count("cp.async.bulk.tensor"),
-            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg")}
+    return {"plan": name, "stages": const["STAGES"], "shared": kernel.metadata.shared,
+            "tma_ops": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
+            "setmaxnreg": ptx.count("setmaxnreg")}
+
+
+def compile_gluon(plan: TilePlan) -> dict[str, Any]:
+    """The sm_90 build of ``codegen.sm90``'s kernel (bf16, head dim 128)."""
+    from spcompile.codegen import sm90
+
+    name = variant_name(plan, "sm90")
+    fn = load_source(name, sm90.sm90_source(plan)).attn_fwd_sm90
+    half, kv = sm90.boxes(plan, HEAD_DIM)
+    boxes = {"QD": half, "KD": kv, "VD": kv, "OD": half}
+    const = {"BLOCK_N": plan.kv_layout.tile_size, "BLOCK_D": HEAD_DIM,
+             "SWIZZLE": sm90.swizzle_bytes(HEAD_DIM, 2),
+             "STAGES": sm90.launch_stages(plan, HEAD_DIM)}
+    return _build_gluon(name, fn, boxes, const)
 
 
 def compile_gluon_bwd(plan: TilePlan, kernel: str) -> dict[str, Any]:
     """The sm_90 build of ``codegen.sm90_bwd``'s dQ or dK/dV kernel (bf16, head dim 128)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from spcompile.codegen import sm90, sm90_bwd
 
     name = variant_name(plan, f"sm90-{kernel}")
@@ -121,36 +125,16 @@ def compile_gluon_bwd(plan: TilePlan, kernel: str) -> dict[str, Any]:
         half = descriptor_box(plan, sm90.half_box(plan.q_layout), HEAD_DIM)
         kv = descriptor_box(plan, plan.kv_tile, HEAD_DIM)
         boxes = {"QD": half, "DOD": half, "DQD": half, "KD": kv, "VD": kv}
-        stages = sm90_bwd.dq_stages(plan, HEAD_DIM)
-        const = {"BLOCK_N": plan.kv_layout.tile_size}
+        const = {"BLOCK_N": plan.kv_layout.tile_size,
+                 "STAGES": sm90_bwd.dq_stages(plan, HEAD_DIM)}
     else:
         fn = load_source(name, sm90_bwd.dkdv_source(plan)).attn_bwd_dkdv_sm90
         q_box = descriptor_box(plan, plan.q_tile, HEAD_DIM)
         half = descriptor_box(plan, sm90.half_box(plan.kv_layout), HEAD_DIM)
         boxes = {"QD": q_box, "DOD": q_box, "KD": half, "VD": half, "DKD": half, "DVD": half}
-        stages = sm90_bwd.dkdv_stages(plan, HEAD_DIM)
-        const = {}
-    const.update(BLOCK_D=HEAD_DIM, SWIZZLE=sm90.swizzle_bytes(HEAD_DIM, 2), STAGES=stages)
-    pointers = {"O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "sm_scale": "fp32"}
-    lists = ("FULL_CNT", "FULL_BOX", "PART_IDX", "PART_CNT", "SCHEDULE", "T_FULL_IDX",
-             "T_FULL_CNT", "T_PART_IDX", "T_PART_CNT")
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in const:
-            signature[arg] = "constexpr"
-        elif arg in boxes:
-            layout = gl.NVMMASharedLayout(swizzle_byte_width=const["SWIZZLE"],
-                                          element_bitwidth=16, rank=len(boxes[arg]))
-            signature[arg] = f"tensordesc<bf16[{','.join(map(str, boxes[arg]))}],{layout!r}>"
-        else:
-            signature[arg] = pointers.get(arg, "*i32" if arg in lists else "i32")
-    source = GluonASTSource(fn=fn, signature=signature,
-                            constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel_ = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptx = kernel_.asm["ptx"]
-    return {"plan": name, "stages": stages, "shared": kernel_.metadata.shared,
-            "tma_ops": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
-            "setmaxnreg": ptx.count("setmaxnreg")}
+        const = {"STAGES": sm90_bwd.dkdv_stages(plan, HEAD_DIM)}
+    const.update(BLOCK_D=HEAD_DIM, SWIZZLE=sm90.swizzle_bytes(HEAD_DIM, 2))
+    return _build_gluon(name, fn, boxes, const)
 
 
 def _bwd_plans(pattern: sp.Pattern, n: int) -> list[tuple[TilePlan, str]]:
