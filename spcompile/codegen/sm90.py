@@ -394,12 +394,17 @@ def swizzle_bytes(block_d: int, element_bytes: int) -> int:
     return next(s for s in (128, 64, 32) if row % s == 0)
 
 
+def ring_depth(once: int, per_stage: int, row_bytes: int) -> int:
+    """The most ring buffers (up to 4) that fit in one program's shared memory beside the rows
+    of ``once`` tokens loaded once, each buffer holding the rows of ``per_stage`` tokens."""
+    return min(4, (_SMEM_LIMIT - _SMEM_SLACK - once * row_bytes) // (per_stage * row_bytes))
+
+
 def stages_for(plan: TilePlan, block_d: int, element_bytes: int) -> int:
-    """The most K/V ring buffers (up to 4) that fit next to Q in one program's shared memory
-    (``in_scope`` asks for at least 3: a buffer is refilled a whole tile before it is read)."""
-    q_bytes = plan.q_layout.tile_size * block_d * element_bytes
-    kv_bytes = 2 * plan.kv_layout.tile_size * block_d * element_bytes
-    return min(4, (_SMEM_LIMIT - _SMEM_SLACK - q_bytes) // kv_bytes)
+    """The most K/V ring buffers that fit next to Q (``in_scope`` asks for at least 3: a
+    buffer is refilled a whole tile before it is read)."""
+    return ring_depth(plan.q_layout.tile_size, 2 * plan.kv_layout.tile_size,
+                      block_d * element_bytes)
 
 
 def gluon_plan(plan: TilePlan) -> bool:
@@ -449,6 +454,23 @@ def launch_stages(plan: TilePlan, head_dim: int) -> int:
 WARPS = 12
 
 
+def descriptors(plan: TilePlan, views: list[Tensor], tiles: list[tuple[int, ...]]) -> list[Any]:
+    """Gluon TMA descriptors over ``views`` (``fwd.tma_views``), one tile's box each, in the
+    NVMMA swizzle the kernels' shared buffers use."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    bd = padded_dim(views[0].shape[-1])
+    swizzle = swizzle_bytes(bd, views[0].element_size())
+    out = []
+    for x, tile in zip(views, tiles, strict=True):
+        box = descriptor_box(plan, tile, bd)
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
+                                      element_bitwidth=8 * x.element_size(), rank=len(box))
+        out.append(TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout))
+    return out
+
+
 @functools.lru_cache(maxsize=128)
 def _module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90"), sm90_source(plan))
@@ -458,9 +480,6 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
                   stages: int | None = None) -> tuple[Tensor, Tensor] | None:
     """Run the Gluon forward; None when the tensors cannot be described for TMA (the caller
     runs the Triton kernel). Same contract as ``fwd.attn_fwd``."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
@@ -469,12 +488,8 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
         return None
     bd = padded_dim(d)
     swizzle = swizzle_bytes(bd, q.element_size())
-    half, kv_box = boxes(plan, bd)
-    descs = []
-    for x, box in zip(views, (half, kv_box, kv_box, half), strict=True):
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
-                                      element_bitwidth=8 * q.element_size(), rank=len(box))
-        descs.append(TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout))
+    half, kv = half_box(plan.q_layout), plan.kv_layout.tile
+    descs = descriptors(plan, views, [half, kv, kv, half])
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     t = plan.device_tensors(q.device)
     _module(plan).attn_fwd_sm90[(plan.num_q_tiles * b * h,)](

@@ -49,21 +49,21 @@ from ..plan.tiles import TilePlan, grid_of
 from ..spec.patterns import Pattern
 from .cache import load_source
 from .emit import layout_code, mask_expr
-from .fwd import descriptor_box, padded_dim, tma_coords, tma_views, variant_name
+from .fwd import padded_dim, tma_coords, tma_views, variant_name
 from .sm90 import (
     _HEADER,
-    _SMEM_LIMIT,
-    _SMEM_SLACK,
     CONSUMER_LAYOUTS,
     _gl,
     _shape,
     consumer_halves,
+    descriptors,
     gluon_call,
     gluon_plan,
     half_box,
     half_coords,
     kv_loop_source,
     q_tile_program,
+    ring_depth,
     swizzle_bytes,
 )
 
@@ -454,21 +454,16 @@ def dkdv_source(plan: TilePlan) -> str:
     )
 
 
-def _stages(head_dim: int, once: int, per_stage: int) -> int:
-    """The most ring buffers (up to 4) that fit in shared memory beside the rows of ``once``
-    tokens loaded once, a buffer holding the rows of ``per_stage`` tokens (16-bit inputs)."""
-    row = padded_dim(head_dim) * 2
-    return min(4, (_SMEM_LIMIT - _SMEM_SLACK - once * row) // (per_stage * row))
-
-
 def dq_stages(plan: TilePlan, head_dim: int) -> int:
     """K/V ring buffers of the dQ kernel, beside Q's and dO's halves."""
-    return _stages(head_dim, 2 * plan.q_layout.tile_size, 2 * plan.kv_layout.tile_size)
+    return ring_depth(2 * plan.q_layout.tile_size, 2 * plan.kv_layout.tile_size,
+                      padded_dim(head_dim) * 2)
 
 
 def dkdv_stages(plan: TilePlan, head_dim: int) -> int:
     """Q/dO ring buffers of the dK/dV kernel, beside K's and V's halves."""
-    return _stages(head_dim, 2 * plan.kv_layout.tile_size, 2 * plan.q_layout.tile_size)
+    return ring_depth(2 * plan.kv_layout.tile_size, 2 * plan.q_layout.tile_size,
+                      padded_dim(head_dim) * 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -500,14 +495,6 @@ def dkdv_in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v:
             and dkdv_stages(plan, head_dim) >= 2 and _dkdv_plan_ok(plan))
 
 
-@functools.lru_cache(maxsize=64)
-def _schedule_t(plan: TilePlan, device: str) -> Tensor:
-    """KV tiles by visiting Q tiles, most first: the longest programs start in the first wave."""
-    _, full_cnt, _, part_cnt = plan.transposed()
-    work = (full_cnt + part_cnt).to(torch.long)
-    return torch.sort(work, descending=True, stable=True).indices.to(torch.int32).to(device)
-
-
 @functools.lru_cache(maxsize=128)
 def _dq_module(plan: TilePlan, pipelined: bool = True) -> Any:
     return load_source(variant_name(plan, "sm90-dq", plain=not pipelined),
@@ -517,22 +504,6 @@ def _dq_module(plan: TilePlan, pipelined: bool = True) -> Any:
 @functools.lru_cache(maxsize=128)
 def _dkdv_module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90-dkdv"), dkdv_source(plan))
-
-
-def _descriptors(plan: TilePlan, xs: list[Tensor], tiles: list[tuple[int, ...]]) -> list[Any]:
-    """Gluon TMA descriptors over ``xs`` (``tma_views``), one tile's box each."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    bd = padded_dim(xs[0].shape[-1])
-    swizzle = swizzle_bytes(bd, xs[0].element_size())
-    out = []
-    for x, tile in zip(xs, tiles, strict=True):
-        box = descriptor_box(plan, tile, bd)
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
-                                      element_bitwidth=8 * x.element_size(), rank=len(box))
-        out.append(TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout))
-    return out
 
 
 def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -546,7 +517,7 @@ def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         return None
     b, h, _, d = q.shape
     half, kv = half_box(plan.q_layout), plan.kv_layout.tile
-    descs = _descriptors(plan, views, [half, kv, kv, half, half])
+    descs = descriptors(plan, views, [half, kv, kv, half, half])
     delta = torch.empty_like(lse)
     t = plan.device_tensors(q.device)
     bd = padded_dim(d)
@@ -574,12 +545,12 @@ def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
     b, h, _, d = q.shape
     h_kv = k.shape[1]
     qt, half = plan.q_layout.tile, half_box(plan.kv_layout)
-    descs = _descriptors(plan, views, [qt, half, half, qt, half, half])
+    descs = descriptors(plan, views, [qt, half, half, qt, half, half])
     t = plan.device_tensors(q.device)
     bd = padded_dim(d)
     _dkdv_module(plan).attn_bwd_dkdv_sm90[(plan.num_kv_tiles * b * h_kv,)](
         *descs, lse, delta, t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"],
-        _schedule_t(plan, str(q.device)), scale, lse.stride(0), lse.stride(1),
+        t["t_schedule"], scale, lse.stride(0), lse.stride(1),
         t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), h_kv, h // h_kv,
         BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
         STAGES=stages or dkdv_stages(plan, d), num_warps=4,

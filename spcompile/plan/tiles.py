@@ -141,8 +141,7 @@ class TilePlan:
             object.__setattr__(self, "list_pattern", self.pattern)
         full_idx, full_cnt = _lists(self.states, FULL)
         part_idx, part_cnt = _lists(self.states, PARTIAL)
-        work = (full_cnt + part_cnt).to(torch.long)
-        schedule = torch.sort(work, descending=True, stable=True).indices.to(torch.int32)
+        schedule = longest_first(full_cnt, part_cnt)
         for name, value in (("full_idx", full_idx), ("full_cnt", full_cnt),
                             ("part_idx", part_idx), ("part_cnt", part_cnt),
                             ("schedule", schedule)):
@@ -207,6 +206,13 @@ class TilePlan:
         return _device_tensors(self, str(device))
 
 
+def longest_first(full_cnt: Tensor, part_cnt: Tensor) -> Tensor:
+    """Tile ids by visits, most first (int32): programs taken in this order start the longest
+    loops in the first wave, and the short ones fill the last."""
+    work = (full_cnt + part_cnt).to(torch.long)
+    return torch.sort(work, descending=True, stable=True).indices.to(torch.int32)
+
+
 @functools.lru_cache(maxsize=64)
 def _transposed(plan: TilePlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     st = plan.states.t().contiguous()
@@ -226,7 +232,8 @@ def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
     out = {n: getattr(plan, n).to(device) for n in names}
     t_full_idx, t_full_cnt, t_part_idx, t_part_cnt = plan.transposed()
     out.update(t_full_idx=t_full_idx.to(device), t_full_cnt=t_full_cnt.to(device),
-               t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device))
+               t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device),
+               t_schedule=longest_first(t_full_cnt, t_part_cnt).to(device))
     if plan.gather is not None:
         out["gather"] = plan.gather.tokens.to(device)
     if plan.full_box is not None:
