@@ -65,7 +65,9 @@ GLUON_BWD_MAX_WORK = 1.05
 GLUON_DQ = True
 
 
+@functools.lru_cache(maxsize=256)
 def _work(plan: TilePlan) -> int:
+    """Visited tile pairs x tile area (the counts are sums over the plan: once per plan)."""
     return plan.num_visited * plan.q_layout.tile_size * plan.kv_layout.tile_size
 
 
