@@ -240,7 +240,7 @@ def tune_sm90(rows, out_path: str) -> None:
 
 def tune_sm90_bwd(rows, out_path: str) -> None:
     """The Hopper backward kernels (``codegen.sm90_bwd``, each on its own tiles; dQ pipelined
-    and plain) at every ring depth that fits, against the Triton kernels at the backward's
+    and plain, over 64- and 128-token KV tiles) at every ring depth that fits, against the Triton kernels at the backward's
     default tiles, with our forward and SDPA's forward and fwd+bwd: timed in three alternating
     rounds. Each Gluon variant's gradients are checked against the Triton kernel's; the
     summary's fwd+bwd over SDPA's is our forward + the fastest dQ + the fastest dK/dV, all from
@@ -277,19 +277,25 @@ def tune_sm90_bwd(rows, out_path: str) -> None:
         plans = {"dq_triton": plan, "dkdv_triton": plan}
         dq_plan = build_plan(row.pattern, s, s, *dq_tiles(row.pattern, s, s))
         dkdv_plan = build_plan(row.pattern, s, s, *dkdv_tiles(row.pattern, s, s))
-        kernels = (("dq", dq_plan, dq_stages(dq_plan, D), ref_dq[:1],
-                    functools.partial(attn_bwd_dq_sm90, do, q, k, v, out, lse, dq_plan, scale)),
-                   ("dq_plain", dq_plan, dq_stages(dq_plan, D), ref_dq[:1],
-                    functools.partial(attn_bwd_dq_sm90, do, q, k, v, out, lse, dq_plan, scale,
-                                      pipelined=False)),
-                   ("dkdv", dkdv_plan, dkdv_stages(dkdv_plan, D), ref_dkdv,
+        dq128_plan = build_plan(row.pattern, s, s, *dq_tiles(row.pattern, s, s, kv_tokens=128))
+        kernels = [(kind, p, dq_stages(p, D), ref_dq[:1],
+                    functools.partial(attn_bwd_dq_sm90, do, q, k, v, out, lse, p, scale,
+                                      pipelined=pipelined))
+                   for kind, p, pipelined in (("dq", dq_plan, True), ("dq_plain", dq_plan, False),
+                                              ("dq128", dq128_plan, True),
+                                              ("dq128_plain", dq128_plan, False))]
+        kernels += [("dkdv", dkdv_plan, dkdv_stages(dkdv_plan, D), ref_dkdv,
                     functools.partial(attn_bwd_dkdv_sm90, do, q, k, v, lse, delta, dkdv_plan,
-                                      scale)))
+                                      scale))]
         agreement = {}
         for kind, sm90_plan, most, ref, kernel in kernels:
             for stages in range(2, most + 1):
                 fn = functools.partial(kernel, stages=stages)
-                got = fn()
+                try:
+                    got = fn()
+                except Exception as e:  # a variant that fails to build is a result too
+                    print(row.id, kind, f"s{stages}: {type(e).__name__}: {e}"[:300], flush=True)
+                    break
                 if got is None:
                     print(row.id, kind, "sm90: declined the tensors", flush=True)
                     break
@@ -304,12 +310,12 @@ def tune_sm90_bwd(rows, out_path: str) -> None:
                    "agreement": agreement.get(name)}
             if name in plans:
                 p = plans[name]
-                base = ms[name.split("_")[0] + "_triton"]
+                base = ms["dkdv_triton" if name.startswith("dkdv") else "dq_triton"]
                 res.update(q=p.q_tile, kv=p.kv_tile, tile_bound=p.tile_bound,
                            vs_triton=base / ms[name])
             results.append(res)
             print(json.dumps(res), flush=True)
-        best = {kind: min((n for n in fns if n.startswith(kind + "_")), key=ms.__getitem__)
+        best = {kind: min((n for n in fns if n.startswith(kind)), key=ms.__getitem__)
                 for kind in ("dq", "dkdv")}
         summary = {"id": row.id, "summary": True, "best": best,
                    "fwd_speedup": ms["sdpa"] / ms["fwd"],

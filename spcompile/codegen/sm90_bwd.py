@@ -378,11 +378,12 @@ def _tiles(pattern: Pattern, q_len: int, kv_len: int, q_tokens: int, kv_tokens: 
     return best_boxes(pattern, q_len, kv_len, q_tokens, kv_tokens)
 
 
-def dq_tiles(pattern: Pattern, q_len: int, kv_len: int
+def dq_tiles(pattern: Pattern, q_len: int, kv_len: int, kv_tokens: int = 64
              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(q_tile, kv_tile) of the dQ kernel's plan: 128 Q tokens (two consumer halves of 64) per
-    program over 64-token KV tiles; on a grid, the boxes visiting the fewest tiles."""
-    return _tiles(pattern, q_len, kv_len, 128, 64)
+    program over ``kv_tokens``-token KV tiles (64, or 128); on a grid, the boxes visiting the
+    fewest tiles."""
+    return _tiles(pattern, q_len, kv_len, 128, kv_tokens)
 
 
 def dkdv_tiles(pattern: Pattern, q_len: int, kv_len: int
@@ -470,7 +471,7 @@ def dkdv_stages(plan: TilePlan, head_dim: int) -> int:
 def _dq_plan_ok(plan: TilePlan) -> bool:
     """``gluon_plan``, the kernel's tile sizes, FULL tiles that form boxes (``kv_tile_at``)."""
     return (gluon_plan(plan) and plan.q_layout.tile_size == 128
-            and plan.kv_layout.tile_size == 64 and plan.full_box is not None)
+            and plan.kv_layout.tile_size in (64, 128) and plan.full_box is not None)
 
 
 @functools.lru_cache(maxsize=64)
