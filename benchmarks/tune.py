@@ -239,12 +239,12 @@ def tune_sm90(rows, out_path: str) -> None:
 
 
 def tune_sm90_bwd(rows, out_path: str) -> None:
-    """The Hopper backward kernels (``codegen.sm90_bwd``, each on its own tiles; dQ pipelined
-    and plain, over 64- and 128-token KV tiles) at every ring depth that fits, against the Triton kernels at the backward's
-    default tiles, with our forward and SDPA's forward and fwd+bwd: timed in three alternating
-    rounds. Each Gluon variant's gradients are checked against the Triton kernel's; the
-    summary's fwd+bwd over SDPA's is our forward + the fastest dQ + the fastest dK/dV, all from
-    this run."""
+    """The Hopper backward kernels (``codegen.sm90_bwd``, each on its own tiles; pipelined and
+    plain; dQ over 64- and 128-token KV tiles) at every ring depth that fits, against the
+    Triton kernels at the backward's default tiles, with our forward and SDPA's forward and
+    fwd+bwd: timed in three alternating rounds. Each Gluon variant's gradients are checked
+    against the Triton kernel's; the summary's fwd+bwd over SDPA's is our forward + the fastest
+    dQ + the fastest dK/dV, all from this run."""
     from spcompile.codegen.launch import forward
     from spcompile.codegen.sm90_bwd import (
         attn_bwd_dkdv_sm90,
@@ -284,9 +284,10 @@ def tune_sm90_bwd(rows, out_path: str) -> None:
                    for kind, p, pipelined in (("dq", dq_plan, True), ("dq_plain", dq_plan, False),
                                               ("dq128", dq128_plan, True),
                                               ("dq128_plain", dq128_plan, False))]
-        kernels += [("dkdv", dkdv_plan, dkdv_stages(dkdv_plan, D), ref_dkdv,
-                    functools.partial(attn_bwd_dkdv_sm90, do, q, k, v, lse, delta, dkdv_plan,
-                                      scale))]
+        kernels += [(kind, dkdv_plan, dkdv_stages(dkdv_plan, D), ref_dkdv,
+                     functools.partial(attn_bwd_dkdv_sm90, do, q, k, v, lse, delta, dkdv_plan,
+                                       scale, pipelined=pipelined))
+                    for kind, pipelined in (("dkdv", True), ("dkdv_plain", False))]
         agreement = {}
         for kind, sm90_plan, most, ref, kernel in kernels:
             for stages in range(2, most + 1):

@@ -273,36 +273,9 @@ def consumer(DKD, DVD, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, kv_bar, full
     dk = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
     dv = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
     H = H_KV * GROUP
+    total = GROUP * n  # visits of this KV tile: every head of the group, every Q tile
     mbarrier.wait(kv_bar, 0)
-    c = 0
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        l_base = b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh
-        for it in range(n):
-            stage = c % STAGES
-            q_tile = q_tile_at(it, n_full, T_FULL_IDX, T_PART_IDX, kv_tile, full_stride,
-                               part_stride)
-{q_layout}
-            lse = gl.load(LSE + l_base + r_tok, mask=r_ok, other=float("inf"))
-            lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = gl.load(DELTA + l_base + r_tok, mask=r_ok, other=0.0)
-            mbarrier.wait(full.index(stage), (c // STAGES) & 1)
-            q = q_smem.index(stage)
-            do = do_smem.index(stage)
-            sT = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            dpT = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            sT = warpgroup_mma_wait(1, deps=(sT,))
-            pT = gl.exp2(sT * qk_scale - lse[None, :])
-{mask}
-            dpT = warpgroup_mma_wait(0, deps=(dpT,))
-            dsT = pT * (dpT - delta[None, :])
-            dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), do, dv,
-                               is_async=True)
-            dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), q, dk,
-                               is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-            mbarrier.arrive(empty.index(stage))
-            c += 1
+{loop}
 
     # This consumer's K and V halves are read by nobody else: they stage dK and dV.
     k.store((dk * sm_scale).to(dtype))
@@ -358,6 +331,70 @@ def attn_bwd_dkdv_sm90(
          (producer, (QD, KD, VD, DOD) + shared + work)],
         [4, 1], [240, 24])
 '''
+
+# Visit c of the dK/dV loop: its head, Q tile, LSE and delta.
+_DKDV_VISIT = """\
+g = c // n
+it = c - g * n
+h = hk * GROUP + g
+l_base = b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh
+q_tile = q_tile_at(it, n_full, T_FULL_IDX, T_PART_IDX, kv_tile, full_stride, part_stride)
+{q_layout}
+lse = gl.load(LSE + l_base + r_tok, mask=r_ok, other=float("inf"))
+lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+delta = gl.load(DELTA + l_base + r_tok, mask=r_ok, other=0.0)"""
+
+# S^T and dP^T of visit c, issued once its Q and dO tiles are in.
+_DKDV_ISSUE = """\
+mbarrier.wait(full.index(c % STAGES), (c // STAGES) & 1)
+sT = warpgroup_mma(k, q_smem.index(c % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                   is_async=True)
+dpT = warpgroup_mma(v, do_smem.index(c % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                    is_async=True)"""
+
+# Visit c's dV += P^T dO and dK += dS^T Q, issued (not waited for) once its S^T and dP^T are.
+_DKDV_STEP = """\
+sT = warpgroup_mma_wait(1, deps=(sT,))
+pT = gl.exp2(sT * qk_scale - lse[None, :])
+{mask}
+dpT = warpgroup_mma_wait(0, deps=(dpT,))
+dsT = pT * (dpT - delta[None, :])
+dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), do_smem.index(c % STAGES), dv,
+                   is_async=True)
+dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), q_smem.index(c % STAGES), dk,
+                   is_async=True)"""
+
+# The dK/dV loop, plain: each visit's four products waited for before the next visit.
+_DKDV_LOOP = """\
+for c in range(total):
+{visit}
+{issue}
+{step}
+    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+    mbarrier.arrive(empty.index(c % STAGES))"""
+
+# The dK/dV loop, pipelined as the dQ loop: the next visit's LSE and delta are loaded and its
+# S^T and dP^T issued behind this visit's dV and dK products. Its registers peak where the plain
+# loop's do (dK and dV, with two 64 x 64 fp32 tiles: the next S^T and dP^T here, this visit's
+# there).
+_DKDV_LOOP_PIPELINED = """\
+if total > 0:
+    c = 0
+{visit}
+{issue}
+    for i in range(total - 1):
+        c = i
+{step_loop}
+        c = i + 1
+{visit_loop}
+{issue_loop}
+        dv, dk = warpgroup_mma_wait(2, deps=(dv, dk))  # groups retire in order: visit i's
+        mbarrier.arrive(empty.index(i % STAGES))
+    c = total - 1
+{step}
+    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+    mbarrier.arrive(empty.index(c % STAGES))"""
+
 
 # The pattern's mask on PARTIAL Q tiles, in the transposed [KV rows, Q columns] orientation.
 _DKDV_MASK = """\
@@ -423,8 +460,9 @@ def dq_source(plan: TilePlan, pipelined: bool = True) -> str:
     )
 
 
-def dkdv_source(plan: TilePlan) -> str:
-    """The Gluon dK/dV kernel's source for this plan."""
+def dkdv_source(plan: TilePlan, pipelined: bool = True) -> str:
+    """The Gluon dK/dV kernel's source for this plan (``pipelined``: see
+    ``_DKDV_LOOP_PIPELINED``)."""
     kv, q = plan.kv_layout, plan.q_layout
     k_1d = layout_code(kv, "k", "kv_tile", "offs_n", "")
     k_2d = [f"{n} = {n}[:, None]" for n in ["k_tok", "k_ok"] + [f"kx{a}" for a in range(kv.ndim)]]
@@ -434,9 +472,18 @@ def dkdv_source(plan: TilePlan) -> str:
     has_part = bool(plan.part_cnt.any())
     mask = ""
     if has_part:
-        mask = _indented(_DKDV_MASK.format(
-            q_2d=_gl(q_2d, 4), offset=plan.kv_len - plan.q_len,
-            mask=mask_expr(plan.list_pattern).replace("tl.", "gl.")), 12)
+        mask = _DKDV_MASK.format(q_2d=_gl(q_2d, 4), offset=plan.kv_len - plan.q_len,
+                                 mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+    visit = _DKDV_VISIT.format(q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 0))
+    step = _DKDV_STEP.format(mask=mask)
+    if pipelined:
+        loop = _DKDV_LOOP_PIPELINED.format(
+            visit=_indented(visit, 4), issue=_indented(_DKDV_ISSUE, 4),
+            step_loop=_indented(step, 8), visit_loop=_indented(visit, 8),
+            issue_loop=_indented(_DKDV_ISSUE, 8), step=_indented(step, 4))
+    else:
+        loop = _DKDV_LOOP.format(visit=_indented(visit, 4), issue=_indented(_DKDV_ISSUE, 4),
+                                 step=_indented(step, 4))
     return _HEADER + _DKDV.format(
         kv_halves=_shape("2", plan, half_box(kv)),
         q_ring=_shape("STAGES", plan, q.tile),
@@ -445,8 +492,7 @@ def dkdv_source(plan: TilePlan) -> str:
         q_coords=tma_coords(q, "q_tile", "h", "H"),
         k_layout=_gl(k_1d, 4),
         k_2d=_gl(k_2d, 4),
-        q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 12),
-        mask=mask,
+        loop=_indented(loop, 4),
         halves=consumer_halves(_DKDV_PARAMS),
         layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_M"),
         num_kv_tiles=plan.num_kv_tiles,
@@ -503,8 +549,9 @@ def _dq_module(plan: TilePlan, pipelined: bool = True) -> Any:
 
 
 @functools.lru_cache(maxsize=128)
-def _dkdv_module(plan: TilePlan) -> Any:
-    return load_source(variant_name(plan, "sm90-dkdv"), dkdv_source(plan))
+def _dkdv_module(plan: TilePlan, pipelined: bool = True) -> Any:
+    return load_source(variant_name(plan, "sm90-dkdv", plain=not pipelined),
+                       dkdv_source(plan, pipelined))
 
 
 def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -533,8 +580,8 @@ def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 
 def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
-                       plan: TilePlan, scale: float, stages: int | None = None
-                       ) -> tuple[Tensor, Tensor] | None:
+                       plan: TilePlan, scale: float, stages: int | None = None,
+                       pipelined: bool = True) -> tuple[Tensor, Tensor] | None:
     """(dk, dv) by the Gluon kernel, given the dQ kernel's delta; None when the tensors cannot
     be described for TMA (the caller runs ``bwd.attn_bwd_dkdv``). ``lse`` and ``delta``
     contiguous."""
@@ -549,7 +596,7 @@ def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
     descs = descriptors(plan, views, [qt, half, half, qt, half, half])
     t = plan.device_tensors(q.device)
     bd = padded_dim(d)
-    _dkdv_module(plan).attn_bwd_dkdv_sm90[(plan.num_kv_tiles * b * h_kv,)](
+    _dkdv_module(plan, pipelined).attn_bwd_dkdv_sm90[(plan.num_kv_tiles * b * h_kv,)](
         *descs, lse, delta, t["t_full_idx"], t["t_full_cnt"], t["t_part_idx"], t["t_part_cnt"],
         t["t_schedule"], scale, lse.stride(0), lse.stride(1),
         t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), h_kv, h // h_kv,
