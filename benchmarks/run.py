@@ -32,7 +32,7 @@ from suite import Row, held_out, suite
 
 import spcompile as sp
 from spcompile.codegen.fwd import attn_fwd
-from spcompile.codegen.launch import backward_kernels, forward, forward_kernel
+from spcompile.codegen.launch import backward_kernels, forward, forward_kernel, specialized_call
 from spcompile.codegen.sm90_bwd import dkdv_tiles, dq_tiles
 from spcompile.plan.choose import backward_tiles
 from spcompile.plan.tiles import allowed_pairs, build_plan
@@ -117,6 +117,13 @@ def structured_qk(s: int, heads: int = H, device: str = "cuda", dtype=torch.bflo
     return q.to(dtype), k.to(dtype)
 
 
+def ours_plan(row: Row, q, v):
+    """The forward plan of a static single pattern, as ``sp.sparse_attention`` builds it (its
+    default tiles are the Gluon forward's where that kernel takes the call)."""
+    s = row.seq_len
+    return build_plan(row.pattern, s, s, head_dim=D, specialized=specialized_call(q, v))
+
+
 def sparse_stats(row: Row, q, k) -> tuple[int, float, str, str]:
     """(allowed pairs per batch and head, tile bound, q tiles, kv tiles) of this row's input."""
     s, p = row.seq_len, row.pattern
@@ -133,7 +140,7 @@ def sparse_stats(row: Row, q, k) -> tuple[int, float, str, str]:
         total = sum(pl.num_q_tiles * pl.num_kv_tiles for pl in plans)
         tiles = sorted({f"{pl.q_tile}/{pl.kv_tile}" for pl in plans})
         return pairs, total / sum(pl.num_visited for pl in plans), ", ".join(tiles), ""
-    plan = build_plan(p, s, s)
+    plan = ours_plan(row, q, k)
     return allowed_pairs(p, s, s), plan.tile_bound, str(plan.q_tile), str(plan.kv_tile)
 
 
@@ -156,7 +163,7 @@ def ours_fn(row: Row, q, k, v):
     (as in every earlier run), TopK includes its estimation, PerHead its per-run launches."""
     if isinstance(row.pattern, (sp.TopK, sp.PerHead)):
         return lambda: sp.sparse_attention(q, k, v, row.pattern)
-    plan = build_plan(row.pattern, row.seq_len, row.seq_len)
+    plan = ours_plan(row, q, v)
     return lambda: forward(q, k, v, plan)
 
 
@@ -165,7 +172,7 @@ def kernel_of(row: Row, q, v) -> str:
     ``codegen.launch``, reported as the default)."""
     if isinstance(row.pattern, (sp.TopK, sp.PerHead)):
         return "triton"
-    return forward_kernel(build_plan(row.pattern, row.seq_len, row.seq_len), q, v)
+    return forward_kernel(ours_plan(row, q, v), q, v)
 
 
 def backward_kernels_of(row: Row, q, v) -> tuple[str, str]:

@@ -43,17 +43,17 @@ def pattern_from_key(key: str) -> Pattern:
 
 def plan_for(
     key: str, q_len: int, kv_len: int, q_tile: Sequence[int], kv_tile: Sequence[int],
-    head_dim: int
+    head_dim: int, specialized: bool = False
 ) -> TilePlan:
-    return _plan_for(key, q_len, kv_len, tuple(q_tile), tuple(kv_tile), head_dim)
+    return _plan_for(key, q_len, kv_len, tuple(q_tile), tuple(kv_tile), head_dim, specialized)
 
 
 @functools.lru_cache(maxsize=512)
 def _plan_for(key: str, q_len: int, kv_len: int, q_tile: tuple[int, ...],
-              kv_tile: tuple[int, ...], head_dim: int) -> TilePlan:
+              kv_tile: tuple[int, ...], head_dim: int, specialized: bool) -> TilePlan:
     """One dict lookup per call once warm (build_plan's own checks cost ~20 us a call)."""
     return build_plan(pattern_from_key(key), q_len, kv_len, q_tile or None, kv_tile or None,
-                      head_dim)
+                      head_dim, specialized)
 
 
 @functools.lru_cache(maxsize=512)
@@ -132,7 +132,12 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """The op's body. Eager calls that need no gradient run it directly: the custom-op and
     autograd dispatch around it cost ~60 us a call on a CPU core, more than a small kernel."""
-    plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3])
+    specialized = False
+    if impl == "triton":
+        from .codegen.launch import specialized_call
+
+        specialized = specialized_call(q, v, key_bias)
+    plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3], specialized)
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
         from .codegen.launch import forward

@@ -41,6 +41,16 @@ def gluon_enabled(q: Tensor) -> bool:
             and wgmma_device(q.device.index))
 
 
+def specialized_call(q: Tensor, v: Tensor, key_bias: Tensor | None = None) -> bool:
+    """Whether a call with these tensors is one the Gluon forward takes (device, dtype, head
+    dims, no key bias), so its plan's default tiles are that kernel's
+    (``plan.choose.default_tiles``)."""
+    from .sm90 import gluon_call
+
+    return gluon_enabled(q) and gluon_call(q.dtype, q.shape[-1], v.shape[-1],
+                                           key_bias is not None)
+
+
 def forward_kernel(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None = None,
                    lists: BlockLists | None = None) -> str:
     """"sm90" or "triton": the kernel ``forward`` runs for this call."""

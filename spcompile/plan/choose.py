@@ -31,12 +31,23 @@ from .tiles import TileShape, build_plan, grid_of
 ND_KV_RATE = {128: 1.0, 64: 0.906}
 
 
-def tile_tokens(ndim: int, head_dim: int) -> tuple[int, int]:
+#: KV tokens per tile of 1-D plans for the warp-specialized Hopper forward (``codegen.sm90``).
+#: At 64 tokens each consumer's MMAs (64 x 64 x 128) are too short to hide the per-tile barrier
+#: round trips; a hand-written kernel of its design ran blk16k at 13.56x over SDPA with
+#: 128-token tiles against the Triton kernel's 11.60x (data/2026-12-06-s7-h100-probe-ws.json).
+#: The tile bounds of the suite's 1-D rows are the same at 64 and 128.
+SPECIALIZED_KV_1D = 128
+
+
+def tile_tokens(ndim: int, head_dim: int, specialized: bool = False) -> tuple[int, int]:
     """(Q tokens, KV tokens) per tile for a layout of ``ndim`` axes (N-d: the larger KV box;
-    ``default_tiles`` also weighs the smaller one)."""
+    ``default_tiles`` also weighs the smaller one). ``specialized``: for the warp-specialized
+    Hopper forward (``SPECIALIZED_KV_1D``)."""
     if head_dim > 128:
         return 64, 64
-    return (128, 64) if ndim == 1 else (128, 128)
+    if ndim == 1:
+        return 128, SPECIALIZED_KV_1D if specialized else 64
+    return 128, 128
 
 
 def boxes(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
@@ -72,11 +83,13 @@ def _candidates(volume: int, grid: tuple[int, ...]) -> list[TileShape]:
 
 @functools.lru_cache(maxsize=128)
 def default_tiles(
-    pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128
+    pattern: Pattern, q_len: int, kv_len: int, head_dim: int = 128, specialized: bool = False
 ) -> tuple[TileShape, TileShape]:
-    """(q_tile, kv_tile) for the kernels: fixed sizes for 1-D, the best boxes for N-d grids."""
+    """(q_tile, kv_tile) for the forward kernels: fixed sizes for 1-D, the best boxes for N-d
+    grids. ``specialized``: the call runs on the warp-specialized Hopper forward."""
     grid = grid_of(pattern)
-    q_tokens, kv_tokens = tile_tokens(1 if grid is None else len(grid[0]), head_dim)
+    q_tokens, kv_tokens = tile_tokens(1 if grid is None else len(grid[0]), head_dim,
+                                      specialized)
     if grid is None:
         return (q_tokens,), (kv_tokens,)
     if head_dim > 128:

@@ -256,9 +256,10 @@ def _as_tile(tile: int | TileShape, ndim: int, name: str) -> TileShape:
 def build_plan(
     pattern: Pattern, q_len: int, kv_len: int,
     q_tile: int | TileShape | None = None, kv_tile: int | TileShape | None = None,
-    head_dim: int = 128,
+    head_dim: int = 128, specialized: bool = False,
 ) -> TilePlan:
-    """The tile plan of a single-head pattern (cached). Tiles default per ``choose``.
+    """The tile plan of a single-head pattern (cached). Tiles default per ``choose``
+    (``specialized``: for the warp-specialized Hopper forward, ``choose.default_tiles``).
 
     For TopK this is the static half of its plan (see ``plan.topk``): tiles of one block, the
     eligible tiles as the lists; the selection's lists come at run time.
@@ -278,7 +279,7 @@ def build_plan(
     if q_tile is None or kv_tile is None:
         from .choose import default_tiles
 
-        dq, dk = default_tiles(pattern, q_len, kv_len, head_dim)
+        dq, dk = default_tiles(pattern, q_len, kv_len, head_dim, specialized)
         q_tile = dq if q_tile is None else q_tile
         kv_tile = dk if kv_tile is None else kv_tile
     return _build_plan(pattern, int(q_len), int(kv_len), _as_tile(q_tile, ndim, "q_tile"),

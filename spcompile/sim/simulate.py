@@ -172,6 +172,20 @@ def _launch(plan_like, launch: tuple[int, int] | None) -> LaunchConfig:
     return LaunchConfig(*launch) if launch is not None else default_config(plan_like)
 
 
+def _torch_dtype(problem: Problem) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(problem.dtype, torch.float32)
+
+
+def _specialized(problem: Problem, profile: Profile) -> bool:
+    """Whether the call is one the warp-specialized forward takes on this device (as
+    ``codegen.launch.specialized_call`` decides at run time): its plan's default tiles are
+    that kernel's."""
+    from ..codegen.sm90 import gluon_call
+
+    return profile.wgmma and gluon_call(_torch_dtype(problem), problem.head_dim, problem.dv,
+                                        False)
+
+
 def _workload(plan: TilePlan, problem: Problem, profile: Profile,
               launch: tuple[int, int] | None) -> Workload:
     """The launch a call of this plan makes: on a GPU with warpgroup MMA, the warp-specialized
@@ -180,8 +194,7 @@ def _workload(plan: TilePlan, problem: Problem, profile: Profile,
     if launch is None and profile.wgmma:
         from ..codegen import sm90
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(problem.dtype, torch.float32)
-        if sm90.in_scope(plan, dtype, problem.head_dim, problem.dv):
+        if sm90.in_scope(plan, _torch_dtype(problem), problem.head_dim, problem.dv):
             return workload_from_plan(plan, problem, sm90.WARPS,
                                       sm90.launch_stages(plan, problem.head_dim), True)
     config = _launch(plan, launch)
@@ -191,7 +204,8 @@ def _workload(plan: TilePlan, problem: Problem, profile: Profile,
 def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileArg,
             kv_tile: TileArg, launch: tuple[int, int] | None) -> SimReport:
     plan = build_plan(pattern, problem.q_len, problem.kv_len, q_tile, kv_tile,
-                      head_dim=problem.head_dim)
+                      head_dim=problem.head_dim,
+                      specialized=launch is None and _specialized(problem, profile))
     work = _workload(plan, problem, profile, launch)
     cost = launch_cost(work, profile, problem.dtype)
     pairs = allowed_pairs(pattern, problem.q_len, problem.kv_len)

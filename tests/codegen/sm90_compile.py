@@ -150,7 +150,9 @@ def main() -> None:
     except ImportError:
         sys.exit(3)
     if "--gluon" in sys.argv:
-        plans = [build_plan(sp.Sliding(window=1000, causal=True), 4096, 4096),
+        sliding = sp.Sliding(window=1000, causal=True)
+        plans = [build_plan(sliding, 4096, 4096),
+                 build_plan(sliding, 4096, 4096, specialized=True),  # 128-token KV tiles
                  build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384),
                  build_plan(sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
                                             stride=(16, 8, 8)), 115200, 115200)]

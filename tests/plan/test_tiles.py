@@ -32,7 +32,13 @@ from torch.overrides import TorchFunctionMode
 import spcompile as sp
 import spcompile.spec.masks as masks
 from spcompile.plan import choose, states, tiles
-from spcompile.plan.choose import ND_KV_RATE, best_boxes, boxes, default_tiles
+from spcompile.plan.choose import (
+    ND_KV_RATE,
+    SPECIALIZED_KV_1D,
+    best_boxes,
+    boxes,
+    default_tiles,
+)
 from spcompile.plan.states import EMPTY, FULL, PARTIAL
 from spcompile.plan.tiles import allowed_pairs, build_plan
 
@@ -295,6 +301,15 @@ def test_default_tiles_weigh_kv_box_sizes():
 
 def test_default_tiles_1d_and_head_dim():
     assert default_tiles(sp.Sliding(window=512, causal=True), 4096, 4096) == ((128,), (64,))
+    # The warp-specialized Hopper forward's 1-D tiles (choose.SPECIALIZED_KV_1D); N-d boxes and
+    # large head dims are the same for both kernels.
+    sliding = sp.Sliding(window=512, causal=True)
+    assert default_tiles(sliding, 4096, 4096, specialized=True) == ((128,), (SPECIALIZED_KV_1D,))
+    assert build_plan(sliding, 4096, 4096, specialized=True).kv_tile == (SPECIALIZED_KV_1D,)
+    assert default_tiles(sliding, 4096, 4096, 256, specialized=True) == ((64,), (64,))
+    na2d = sp.Neighborhood(shape=(128, 128), window=31)
+    assert default_tiles(na2d, 16384, 16384, specialized=True) == default_tiles(na2d, 16384,
+                                                                                16384)
     assert default_tiles(sp.Sliding(window=512), 4096, 4096, 256) == ((64,), (64,))
     assert default_tiles(sp.Dense(), 100, 300, 192) == ((64,), (64,))
     assert default_tiles(sp.Neighborhood(shape=(4096,), window=65), 4096, 4096) == ((128,),

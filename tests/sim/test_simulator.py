@@ -105,12 +105,16 @@ def test_axis_verdicts_name_the_failing_condition():
 def test_report_carries_the_plan_it_costed():
     pattern = sp.Sliding(window=4096, causal=True)
     r = simulate(pattern, 32768)
-    plan = build_plan(pattern, 32768, 32768)
-    assert (r.q_tile, r.kv_tile) == (plan.q_tile, plan.kv_tile)
+    # The H100 runs this call on the warp-specialized kernel, whose 1-D tiles hold 128 keys:
+    # 3 K/V stages of 128 tokens.
+    plan = build_plan(pattern, 32768, 32768, specialized=True)
+    assert (r.q_tile, r.kv_tile) == (plan.q_tile, plan.kv_tile) == ((128,), (128,))
     assert (r.num_full, r.num_partial) == (plan.num_full, plan.num_partial)
     assert r.tile_bound == plan.tile_bound
-    # The H100 runs this call on the warp-specialized kernel: 4 K/V stages of 64 tokens.
-    assert r.launch == "q128-kv64-w12-s4-ws" and r.programs == plan.num_q_tiles * 24
+    assert r.launch == "q128-kv128-w12-s3-ws" and r.programs == plan.num_q_tiles * 24
+    # Where the Triton kernel runs (A100), the plan is its own: 64-token KV tiles.
+    triton = simulate(pattern, 32768, device="a100")
+    assert (triton.q_tile, triton.kv_tile) == ((128,), (64,))
     assert r.predicted_speedup == pytest.approx(r.sdpa_ms / r.predicted_ms)
     assert r.permutation_bytes == 0 and "none" in r.permutation
     grid = simulate(sp.Neighborhood(shape=(64, 64), window=15))
