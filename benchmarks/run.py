@@ -32,7 +32,7 @@ from suite import Row, held_out, suite
 
 import spcompile as sp
 from spcompile.codegen.fwd import attn_fwd
-from spcompile.codegen.launch import backward_kernels, forward, forward_kernel, specialized_call
+from spcompile.codegen.launch import backward_kernels, forward, forward_kernel, forward_plan
 from spcompile.codegen.sm90_bwd import dkdv_tiles, dq_tiles
 from spcompile.plan.choose import backward_tiles
 from spcompile.plan.tiles import allowed_pairs, build_plan
@@ -121,7 +121,8 @@ def ours_plan(row: Row, q, v):
     """The forward plan of a static single pattern, as ``sp.sparse_attention`` builds it (its
     default tiles are the Gluon forward's where that kernel takes the call)."""
     s = row.seq_len
-    return build_plan(row.pattern, s, s, head_dim=D, specialized=specialized_call(q, v))
+    return forward_plan(lambda sm90: build_plan(row.pattern, s, s, head_dim=D, specialized=sm90),
+                        q, v)
 
 
 def sparse_stats(row: Row, q, k) -> tuple[int, float, str, str]:

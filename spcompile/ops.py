@@ -132,18 +132,17 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """The op's body. Eager calls that need no gradient run it directly: the custom-op and
     autograd dispatch around it cost ~60 us a call on a CPU core, more than a small kernel."""
-    specialized = False
-    if impl == "triton":
-        from .codegen.launch import specialized_call
+    def build(specialized: bool) -> TilePlan:
+        return plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3],
+                        specialized)
 
-        specialized = specialized_call(q, v, key_bias)
-    plan = plan_for(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.shape[3], specialized)
     lists = _lists(pattern, blocks, k.shape[2], q.shape[1])
     if impl == "triton":
-        from .codegen.launch import forward
+        from .codegen.launch import forward, forward_plan
 
+        plan = forward_plan(build, q, v, key_bias)
         return forward(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
-    return blockwise_attention(q, k, v, plan, scale, lists=lists, key_bias=key_bias)
+    return blockwise_attention(q, k, v, build(False), scale, lists=lists, key_bias=key_bias)
 
 
 @attention_op.register_fake

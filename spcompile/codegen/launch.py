@@ -41,14 +41,15 @@ def gluon_enabled(q: Tensor) -> bool:
             and wgmma_device(q.device.index))
 
 
-def specialized_call(q: Tensor, v: Tensor, key_bias: Tensor | None = None) -> bool:
-    """Whether a call with these tensors is one the Gluon forward takes (device, dtype, head
-    dims, no key bias), so its plan's default tiles are that kernel's
-    (``plan.choose.default_tiles``)."""
-    from .sm90 import gluon_call
+def forward_plan(build: Callable[[bool], TilePlan], q: Tensor, v: Tensor,
+                 key_bias: Tensor | None = None) -> TilePlan:
+    """The plan a forward call runs: ``build(specialized)`` for the kernel that will take it
+    (``sm90.forward_plan`` where the Gluon kernels may run, else the Triton kernel's)."""
+    if not gluon_enabled(q):
+        return build(False)
+    from .sm90 import forward_plan as sm90_forward_plan
 
-    return gluon_enabled(q) and gluon_call(q.dtype, q.shape[-1], v.shape[-1],
-                                           key_bias is not None)
+    return sm90_forward_plan(build, q.dtype, q.shape[-1], v.shape[-1], key_bias is not None)
 
 
 def forward_kernel(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None = None,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -437,6 +438,19 @@ def in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v: int,
     docstring for the scope); the simulator asks the same question."""
     return (gluon_call(dtype, head_dim, head_dim_v, key_bias)
             and launch_stages(plan, head_dim) >= 3 and _plan_ok(plan))
+
+
+def forward_plan(build: Callable[[bool], TilePlan], dtype: torch.dtype, head_dim: int,
+                 head_dim_v: int, key_bias: bool = False) -> TilePlan:
+    """The forward plan of a call on a device where this kernel may run: ``build(True)`` (the
+    default tiles chosen for this kernel, ``plan.choose.default_tiles``) where the kernel takes
+    that plan, else ``build(False)``, the Triton kernel's (a gathered or run-time-list plan, an
+    fp32 call: the Triton kernel runs those on its own tiles)."""
+    if gluon_call(dtype, head_dim, head_dim_v, key_bias):
+        plan = build(True)
+        if in_scope(plan, dtype, head_dim, head_dim_v, key_bias):
+            return plan
+    return build(False)
 
 
 def sm90_eligible(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None) -> bool:

@@ -176,16 +176,6 @@ def _torch_dtype(problem: Problem) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(problem.dtype, torch.float32)
 
 
-def _specialized(problem: Problem, profile: Profile) -> bool:
-    """Whether the call is one the warp-specialized forward takes on this device (as
-    ``codegen.launch.specialized_call`` decides at run time): its plan's default tiles are
-    that kernel's."""
-    from ..codegen.sm90 import gluon_call
-
-    return profile.wgmma and gluon_call(_torch_dtype(problem), problem.head_dim, problem.dv,
-                                        False)
-
-
 def _workload(plan: TilePlan, problem: Problem, profile: Profile,
               launch: tuple[int, int] | None) -> Workload:
     """The launch a call of this plan makes: on a GPU with warpgroup MMA, the warp-specialized
@@ -203,9 +193,16 @@ def _workload(plan: TilePlan, problem: Problem, profile: Profile,
 
 def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileArg,
             kv_tile: TileArg, launch: tuple[int, int] | None) -> SimReport:
-    plan = build_plan(pattern, problem.q_len, problem.kv_len, q_tile, kv_tile,
-                      head_dim=problem.head_dim,
-                      specialized=launch is None and _specialized(problem, profile))
+    def build(specialized: bool) -> TilePlan:
+        return build_plan(pattern, problem.q_len, problem.kv_len, q_tile, kv_tile,
+                          head_dim=problem.head_dim, specialized=specialized)
+
+    if launch is None and profile.wgmma:  # as codegen.launch.forward_plan on the GPU
+        from ..codegen.sm90 import forward_plan
+
+        plan = forward_plan(build, _torch_dtype(problem), problem.head_dim, problem.dv)
+    else:
+        plan = build(False)
     work = _workload(plan, problem, profile, launch)
     cost = launch_cost(work, profile, problem.dtype)
     pairs = allowed_pairs(pattern, problem.q_len, problem.kv_len)

@@ -14,7 +14,13 @@ from sm90_cases import CASES, HOPPER, gluon_builds, random_inputs, strided_input
 
 import spcompile as sp
 from spcompile.codegen import launch
-from spcompile.codegen.sm90 import attn_fwd_sm90, half_box, half_coords, sm90_eligible
+from spcompile.codegen.sm90 import (
+    attn_fwd_sm90,
+    forward_plan,
+    half_box,
+    half_coords,
+    sm90_eligible,
+)
 from spcompile.plan.tiles import build_plan
 
 
@@ -50,6 +56,27 @@ def test_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     assert launch.forward_kernel(plan, q, q) == "triton"
     monkeypatch.setenv("SPCOMPILE_SM90", "0")
     assert launch.forward_kernel(plan, q, q) == "triton"
+
+
+def test_forward_plan_is_the_kernel_s() -> None:
+    """Where the Gluon forward takes a call, its plan has that kernel's default tiles (1-D:
+    128-token KV tiles); a plan it would not take (gathered keys, fp32) is built on the Triton
+    kernel's tiles (1-D: 64); explicit tiles are kept. Off CUDA every call is the Triton
+    kernel's."""
+    def builder(pattern: sp.Pattern, tiles: tuple[int, ...] | None = None):
+        return lambda specialized: build_plan(pattern, 4096, 4096, tiles, tiles,
+                                              specialized=specialized)
+
+    sliding = sp.Sliding(left=100, right=100)
+    assert forward_plan(builder(sliding), torch.bfloat16, 128, 128).kv_tile == (128,)
+    assert forward_plan(builder(sliding), torch.float32, 128, 128).kv_tile == (64,)
+    assert forward_plan(builder(sliding), torch.bfloat16, 128, 128, True).kv_tile == (64,)
+    assert forward_plan(builder(sliding, (128,)), torch.float16, 64, 64).kv_tile == (128,)
+    gathered = sp.Sliding(left=64, right=64) | sp.Global(every=64)
+    plan = forward_plan(builder(gathered), torch.bfloat16, 128, 128)
+    assert plan.gather is not None and plan.kv_tile == (64,)
+    q = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    assert launch.forward_plan(builder(sliding), q, q).kv_tile == (64,)
 
 
 def test_lowers_for_sm90() -> None:

@@ -112,9 +112,12 @@ def test_report_carries_the_plan_it_costed():
     assert (r.num_full, r.num_partial) == (plan.num_full, plan.num_partial)
     assert r.tile_bound == plan.tile_bound
     assert r.launch == "q128-kv128-w12-s3-ws" and r.programs == plan.num_q_tiles * 24
-    # Where the Triton kernel runs (A100), the plan is its own: 64-token KV tiles.
+    # Where the Triton kernel runs (A100; gathered keys on the H100), the plan is its own:
+    # 64-token KV tiles.
     triton = simulate(pattern, 32768, device="a100")
     assert (triton.q_tile, triton.kv_tile) == ((128,), (64,))
+    gathered = simulate(sp.Sliding(left=512, right=512) | sp.Global(every=64), 16384)
+    assert (gathered.kv_tile, gathered.launch) == ((64,), "q128-kv64-w4-s2")
     assert r.predicted_speedup == pytest.approx(r.sdpa_ms / r.predicted_ms)
     assert r.permutation_bytes == 0 and "none" in r.permutation
     grid = simulate(sp.Neighborhood(shape=(64, 64), window=15))
