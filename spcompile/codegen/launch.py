@@ -1,7 +1,8 @@
 """Which kernels run a call: the warp-specialized Gluon kernels on Hopper where they apply
 (``sm90``'s forward, ``sm90_bwd``'s dQ and dK/dV), the Triton kernels everywhere else (``fwd``,
-``bwd``). The forwards take the same plan and return the same (out, lse); the backward reads
-either, and each backward kernel is chosen on its own.
+``bwd``). Either forward runs any plan it takes and returns the same (out, lse); a call's
+default tiles are those of the kernel that will run it (``forward_plan``). The backward reads
+either forward's output, and each backward kernel is chosen on its own.
 
 ``SPCOMPILE_SM90=0`` turns the Gluon kernels off (the Triton kernels then run every call).
 """
