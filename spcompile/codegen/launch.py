@@ -71,9 +71,9 @@ def forward_kernel(plan: TilePlan, q: Tensor, v: Tensor, key_bias: Tensor | None
 GLUON_BWD_MAX_WORK = 1.05
 
 
-#: Whether the Gluon dQ kernel (``sm90_bwd.attn_bwd_dq_sm90``) may run. Correct on the H100
-#: (tests/codegen/test_sm90_bwd.py) and in the suite's fwd+bwd runs of session 8; not yet timed
-#: against the Triton dQ kernel in one run (benchmarks/RESULTS.md). False runs the Triton dQ.
+#: Whether the Gluon dQ kernel (``sm90_bwd.attn_bwd_dq_sm90``) may run. Against the Triton dQ
+#: kernel in the same rounds on the H100: 1.20x (blk16k) and 1.27x (flux_gna)
+#: (benchmarks/data/2026-12-06-s9-h100-tune-sm90-bwd.json). False runs the Triton dQ.
 GLUON_DQ = True
 
 

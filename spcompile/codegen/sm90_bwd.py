@@ -23,6 +23,13 @@ the products that accumulate:
     dS^T = P^T * (dP^T - delta)
     dV  += P^T dO,  dK += dS^T Q                      async, both; then release the buffer
 
+Each consumer waits for a tile's last products before it starts the next tile. The loops can
+instead issue the next tile's first two products behind this tile's last two
+(``pipelined=True``, kept for ``benchmarks/tune.py``): on the H100 that ran slower for both
+kernels (dQ 0.97x against the Triton kernel, plain 1.27x; dK/dV 0.95x against 1.09x, flux_gna,
+``benchmarks/data/2026-12-06-s9-h100-tune-sm90-bwd.json``): the other consumer already fills
+the tensor cores while one computes its exponentials.
+
 Outputs leave through shared buffers their consumer alone read (dQ through its Q half, dK and
 dV through its K and V halves) by TMA stores, so N-d tiles store as boxes of the grid: the token
 permutation is fused, as in every other kernel. Every output row is owned by one program and
@@ -154,7 +161,7 @@ for it in range(n):
     mbarrier.arrive(k_empty.index(stage))"""
 
 # The dQ loop, pipelined as the forward's: the next tile's S and dP are issued behind this
-# tile's dS K, so the tensor cores never wait on this warpgroup's issue.
+# tile's dS K (slower on the H100 than the plain loop: see the module docstring).
 _DQ_LOOP_PIPELINED = """\
 if n > 0:
     mbarrier.wait(k_full.index(0), 0)
@@ -374,9 +381,8 @@ for c in range(total):
     mbarrier.arrive(empty.index(c % STAGES))"""
 
 # The dK/dV loop, pipelined as the dQ loop: the next visit's LSE and delta are loaded and its
-# S^T and dP^T issued behind this visit's dV and dK products. Its registers peak where the plain
-# loop's do (dK and dV, with two 64 x 64 fp32 tiles: the next S^T and dP^T here, this visit's
-# there).
+# S^T and dP^T issued behind this visit's dV and dK products (slower on the H100 than the plain
+# loop: see the module docstring).
 _DKDV_LOOP_PIPELINED = """\
 if total > 0:
     c = 0
@@ -430,7 +436,7 @@ def dkdv_tiles(pattern: Pattern, q_len: int, kv_len: int
     return _tiles(pattern, q_len, kv_len, 64, 128)
 
 
-def dq_source(plan: TilePlan, pipelined: bool = True) -> str:
+def dq_source(plan: TilePlan, pipelined: bool = False) -> str:
     """The Gluon dQ kernel's source for this plan (``pipelined``: see ``_DQ_LOOP_PIPELINED``)."""
     q = plan.q_layout
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
@@ -460,7 +466,7 @@ def dq_source(plan: TilePlan, pipelined: bool = True) -> str:
     )
 
 
-def dkdv_source(plan: TilePlan, pipelined: bool = True) -> str:
+def dkdv_source(plan: TilePlan, pipelined: bool = False) -> str:
     """The Gluon dK/dV kernel's source for this plan (``pipelined``: see
     ``_DKDV_LOOP_PIPELINED``)."""
     kv, q = plan.kv_layout, plan.q_layout
@@ -508,9 +514,22 @@ def dq_stages(plan: TilePlan, head_dim: int) -> int:
 
 
 def dkdv_stages(plan: TilePlan, head_dim: int) -> int:
-    """Q/dO ring buffers of the dK/dV kernel, beside K's and V's halves."""
+    """The most Q/dO ring buffers of the dK/dV kernel that fit beside K's and V's halves."""
     return ring_depth(2 * plan.kv_layout.tile_size, 2 * plan.q_layout.tile_size,
                       padded_dim(head_dim) * 2)
+
+
+#: Q/dO ring buffers the dK/dV kernel launches with. On the H100 two ran as fast as deeper
+#: rings or faster: blk16k 0.813 ms against 0.827 ms at 3 and 4, flux_gna 17.19 ms at 2 and at 4
+#: (benchmarks/data/2026-12-06-s9-h100-tune-sm90-bwd.json); session 8's sweep put 2 ahead by
+#: 2-4% on 1-D rows. Each Q tile's products take longer than its loads: a deeper ring only
+#: holds tiles that wait.
+DKDV_RING = 2
+
+
+def dkdv_launch_stages(plan: TilePlan, head_dim: int) -> int:
+    """The ring depth ``attn_bwd_dkdv_sm90`` launches with: ``DKDV_RING``, or what fits."""
+    return min(DKDV_RING, dkdv_stages(plan, head_dim))
 
 
 @functools.lru_cache(maxsize=64)
@@ -543,20 +562,20 @@ def dkdv_in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v:
 
 
 @functools.lru_cache(maxsize=128)
-def _dq_module(plan: TilePlan, pipelined: bool = True) -> Any:
+def _dq_module(plan: TilePlan, pipelined: bool = False) -> Any:
     return load_source(variant_name(plan, "sm90-dq", plain=not pipelined),
                        dq_source(plan, pipelined))
 
 
 @functools.lru_cache(maxsize=128)
-def _dkdv_module(plan: TilePlan, pipelined: bool = True) -> Any:
+def _dkdv_module(plan: TilePlan, pipelined: bool = False) -> Any:
     return load_source(variant_name(plan, "sm90-dkdv", plain=not pipelined),
                        dkdv_source(plan, pipelined))
 
 
 def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      plan: TilePlan, scale: float, stages: int | None = None,
-                     pipelined: bool = True) -> tuple[Tensor, Tensor] | None:
+                     pipelined: bool = False) -> tuple[Tensor, Tensor] | None:
     """(dq, delta) by the Gluon kernel (``bwd.attn_bwd_dq``'s contract); None when the tensors
     cannot be described for TMA (the caller runs the Triton kernel). ``lse`` contiguous."""
     dq = torch.empty_like(q)
@@ -581,7 +600,7 @@ def attn_bwd_dq_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
                        plan: TilePlan, scale: float, stages: int | None = None,
-                       pipelined: bool = True) -> tuple[Tensor, Tensor] | None:
+                       pipelined: bool = False) -> tuple[Tensor, Tensor] | None:
     """(dk, dv) by the Gluon kernel, given the dQ kernel's delta; None when the tensors cannot
     be described for TMA (the caller runs ``bwd.attn_bwd_dkdv``). ``lse`` and ``delta``
     contiguous."""
@@ -601,6 +620,6 @@ def attn_bwd_dkdv_sm90(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
         t["t_schedule"], scale, lse.stride(0), lse.stride(1),
         t["t_full_idx"].stride(0), t["t_part_idx"].stride(0), h_kv, h // h_kv,
         BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
-        STAGES=stages or dkdv_stages(plan, d), num_warps=4,
+        STAGES=stages or dkdv_launch_stages(plan, d), num_warps=4,
     )
     return dk, dv
