@@ -33,9 +33,10 @@ ND_KV_RATE = {128: 1.0, 64: 0.906}
 
 #: KV tokens per tile of 1-D plans for the warp-specialized Hopper forward (``codegen.sm90``).
 #: At 64 tokens each consumer's MMAs (64 x 64 x 128) are too short to hide the per-tile barrier
-#: round trips; a hand-written kernel of its design ran blk16k at 13.56x over SDPA with
-#: 128-token tiles against the Triton kernel's 11.60x (data/2026-12-06-s7-h100-probe-ws.json).
-#: The tile bounds of the suite's 1-D rows are the same at 64 and 128.
+#: round trips. On the H100, over SDPA in the same rounds: sw16k 6.87x at 128 against 6.00x at
+#: 64, blk16k 13.16x against 12.36x (the Triton kernel: 5.97x, 11.79x)
+#: (benchmarks/data/2026-12-06-s9-h100-tune-sm90-fwd.json). The tile bounds of the suite's 1-D
+#: rows are the same at 64 and 128.
 SPECIALIZED_KV_1D = 128
 
 
