@@ -220,8 +220,9 @@ def run_row(row: Row, args) -> dict:
             res["kept_mass_structured"] = kept_mass(row, qs, ks, v)
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "ours": fn}
     res["kernel"] = kernel_of(row, q, v)
-    if res["kernel"] == "sm90":  # the Triton kernel on the same inputs, in the same rounds
-        plan = build_plan(row.pattern, s, s)
+    if res["kernel"] == "sm90":  # the Triton kernel on the same inputs, in the same rounds,
+        plan = build_plan(row.pattern, s, s)  # on its own default tiles
+        res["triton_q_tile"], res["triton_kv_tile"] = str(plan.q_tile), str(plan.kv_tile)
         fns["triton"] = lambda: attn_fwd(q, k, v, plan)
         fns["triton"]()
     rounds = interleaved_ms(fns)

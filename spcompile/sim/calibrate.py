@@ -214,8 +214,14 @@ def load_results(
                     continue
             out.append(m)
             if m.specialized and row.get("triton_ms") is not None:
-                # benchmarks/run.py times the Triton kernel on the same inputs, same rounds.
-                base = _measurement({**row, "kernel": "triton", "ours_ms": row["triton_ms"]},
+                # benchmarks/run.py times the Triton kernel on the same inputs, same rounds, on
+                # its own default plan (1-D: 64-token KV tiles where the Gluon kernel's hold
+                # 128); rows before session 9 recorded no tiles for it: the same default.
+                p = m.problem
+                own = build_plan(m.pattern, p.q_len, p.kv_len, head_dim=p.head_dim)
+                base = _measurement({**row, "kernel": "triton", "ours_ms": row["triton_ms"],
+                                     "q_tile": row.get("triton_q_tile", own.q_tile),
+                                     "kv_tile": row.get("triton_kv_tile", own.kv_tile)},
                                     known, env_problem, "default", path.name)
                 out.append(base)
     return out, skipped

@@ -12,10 +12,14 @@ warp-specialized Hopper kernel of session 7 (``codegen.sm90``) with
         benchmarks/data/2026-11-23-s5-h100-rescale.json \\
         benchmarks/data/2026-11-23-s5-h100-run-b.json@default \\
         benchmarks/data/2026-12-06-s7-h100-run-{a,b,c,d}.json \\
+        benchmarks/data/2026-12-06-s9-h100-run-{a,b}.json \\
+        benchmarks/data/2026-12-06-s9-h100-tune-sm90-fwd.json \\
         --out spcompile/sim/profiles/h100.json
 
-(rows of other kernels in those files are skipped by ``load_results``; a session-7 row gives
-two measurements: the warp-specialized kernel, and the Triton kernel timed in the same rounds).
+(rows of other kernels in those files are skipped by ``load_results``; a session-7 or -9 row
+gives two measurements: the warp-specialized kernel, and the Triton kernel timed in the same
+rounds on its own tiles). Session 9 added the warp-specialized kernel's 1-D launch at 128-token
+KV tiles (fitted on sw16k and blk16k; sw32k and csw32k held out: +3.0% and -0.7%).
 Held out of that fit: every row (all configurations, both kernels) of sw32k, na3d, csw32k,
 flux_gna, hunyuan_na and stream128k, and the whole of ``2026-11-23-s5-h100-run-a.json`` (a
 suite run at the default tiles and launches in another process, never fitted). na3d's
@@ -449,6 +453,15 @@ def test_load_results_reads_both_kernels(tmp_path):
     assert got[0].key == LaunchKey(128, 64, 12, 4, specialized=True)
     assert got[1].key == LaunchKey(128, 64, 4, 2)  # the Triton kernel's default launch
     assert got[2].key == LaunchKey(128, 64, 12, 3, specialized=True)
+    # Since session 9 the Gluon kernel's 1-D plans hold 128-token KV tiles; the Triton kernel
+    # beside it runs its own 64-token tiles, recorded or (older rows) its default plan's.
+    for extra in ({}, {"triton_q_tile": "(128,)", "triton_kv_tile": "(64,)"}):
+        path.write_text(json.dumps([dict(base, id="s9", kv=[128], kernel="sm90", ours_ms=0.2,
+                                         triton_ms=0.25, **extra)]))
+        got, skipped = load_results([path])
+        assert not skipped
+        assert [m.key for m in got] == [LaunchKey(128, 128, 12, 3, specialized=True),
+                                        LaunchKey(128, 64, 4, 2)]
 
 
 # ---------------------------------------------------------------------------------------------
