@@ -563,13 +563,13 @@ def dkdv_in_scope(plan: TilePlan, dtype: torch.dtype, head_dim: int, head_dim_v:
 
 @functools.lru_cache(maxsize=128)
 def _dq_module(plan: TilePlan, pipelined: bool = False) -> Any:
-    return load_source(variant_name(plan, "sm90-dq", plain=not pipelined),
+    return load_source(variant_name(plan, "sm90-dq", pipelined=pipelined),
                        dq_source(plan, pipelined))
 
 
 @functools.lru_cache(maxsize=128)
 def _dkdv_module(plan: TilePlan, pipelined: bool = False) -> Any:
-    return load_source(variant_name(plan, "sm90-dkdv", plain=not pipelined),
+    return load_source(variant_name(plan, "sm90-dkdv", pipelined=pipelined),
                        dkdv_source(plan, pipelined))
 
 

@@ -115,26 +115,27 @@ def compile_gluon(plan: TilePlan) -> dict[str, Any]:
     return _build_gluon(name, fn, boxes, const)
 
 
-def compile_gluon_bwd(plan: TilePlan, kernel: str) -> dict[str, Any]:
-    """The sm_90 build of ``codegen.sm90_bwd``'s dQ or dK/dV kernel (bf16, head dim 128)."""
+def compile_gluon_bwd(plan: TilePlan, kernel: str, pipelined: bool = False) -> dict[str, Any]:
+    """The sm_90 build of ``codegen.sm90_bwd``'s dQ or dK/dV kernel (bf16, head dim 128; the
+    plain loop, or the pipelined one that ``benchmarks/tune.py`` times)."""
     from spcompile.codegen import sm90, sm90_bwd
 
-    name = variant_name(plan, f"sm90-{kernel}")
+    name = variant_name(plan, f"sm90-{kernel}", pipelined=pipelined)
     if kernel == "dq":
-        fn = load_source(name, sm90_bwd.dq_source(plan)).attn_bwd_dq_sm90
+        fn = load_source(name, sm90_bwd.dq_source(plan, pipelined)).attn_bwd_dq_sm90
         half = descriptor_box(plan, sm90.half_box(plan.q_layout), HEAD_DIM)
         kv = descriptor_box(plan, plan.kv_tile, HEAD_DIM)
         boxes = {"QD": half, "DOD": half, "DQD": half, "KD": kv, "VD": kv}
         const = {"BLOCK_N": plan.kv_layout.tile_size,
                  "STAGES": sm90_bwd.dq_stages(plan, HEAD_DIM)}
     else:
-        fn = load_source(name, sm90_bwd.dkdv_source(plan)).attn_bwd_dkdv_sm90
+        fn = load_source(name, sm90_bwd.dkdv_source(plan, pipelined)).attn_bwd_dkdv_sm90
         q_box = descriptor_box(plan, plan.q_tile, HEAD_DIM)
         half = descriptor_box(plan, sm90.half_box(plan.kv_layout), HEAD_DIM)
         boxes = {"QD": q_box, "DOD": q_box, "KD": half, "VD": half, "DKD": half, "DVD": half}
         const = {"STAGES": sm90_bwd.dkdv_launch_stages(plan, HEAD_DIM)}
     const.update(BLOCK_D=HEAD_DIM, SWIZZLE=sm90.swizzle_bytes(HEAD_DIM, 2))
-    return _build_gluon(name, fn, boxes, const)
+    return {**_build_gluon(name, fn, boxes, const), "kernel": kernel, "pipelined": pipelined}
 
 
 def _bwd_plans(pattern: sp.Pattern, n: int) -> list[tuple[TilePlan, str]]:
@@ -163,8 +164,12 @@ def main() -> None:
                     (sp.Neighborhood(shape=(128, 128), window=31), 16384),
                     (sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24),
                                      stride=(16, 8, 8)), 115200)]
-        print(json.dumps([compile_gluon_bwd(plan, kernel) for p, n in patterns
-                          for plan, kernel in _bwd_plans(p, n)]))
+        builds = [compile_gluon_bwd(plan, kernel) for p, n in patterns
+                  for plan, kernel in _bwd_plans(p, n)]
+        # The pipelined loops (tune.py's variants) on the 1-D plans: they keep building.
+        builds += [compile_gluon_bwd(plan, kernel, pipelined=True)
+                   for plan, kernel in _bwd_plans(*patterns[0])]
+        print(json.dumps(builds))
         return
     plans = [build_plan(sp.Sliding(left=1024, right=1024), 16384, 16384),  # 128x64 tiles
              build_plan(sp.Neighborhood(shape=(128, 128), window=31), 16384, 16384)]  # 128x128
