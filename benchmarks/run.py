@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from suite import Row, held_out, suite
 
 import spcompile as sp
+from spcompile.codegen import sm90
 from spcompile.codegen.fwd import attn_fwd
 from spcompile.codegen.launch import backward_kernels, forward, forward_kernel, forward_plan
 from spcompile.codegen.sm90_bwd import dkdv_tiles, dq_tiles
@@ -221,6 +222,7 @@ def run_row(row: Row, args) -> dict:
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "ours": fn}
     res["kernel"] = kernel_of(row, q, v)
     if res["kernel"] == "sm90":  # the Triton kernel on the same inputs, in the same rounds,
+        res["sm90_persistent"] = sm90.persistent_for(ours_plan(row, q, v))
         plan = build_plan(row.pattern, s, s)  # on its own default tiles
         res["triton_q_tile"], res["triton_kv_tile"] = str(plan.q_tile), str(plan.kv_tile)
         fns["triton"] = lambda: attn_fwd(q, k, v, plan)
@@ -250,9 +252,9 @@ def run_row(row: Row, args) -> dict:
         do = torch.randn_like(q)
 
         # Gradients are dropped before each step, as optimizer.zero_grad() does by default
-        # (set_to_none), so the step writes them instead of adding into the previous ones. The
-        # accumulating step (every run before session 8) is timed too: its three in-place adds
-        # over q, k and v (~0.3 ms at S = 16k on the H100) fall on both sides alike.
+        # (set_to_none), so the step writes them instead of adding into the previous ones. With
+        # --acc the accumulating step (every run before session 8) is timed too: its three
+        # in-place adds over q, k and v (~0.3 ms at S = 16k on the H100) fall on both sides.
         def step(attention, accumulate: bool):
             def run():
                 if not accumulate:
@@ -266,12 +268,15 @@ def run_row(row: Row, args) -> dict:
         step(ours, False)()
         torch.cuda.synchronize()
         res["first_fb_call_s"] = time.time() - t0
-        fb = interleaved_ms({"sdpa": step(sdpa, False), "ours": step(ours, False),
-                             "sdpa_acc": step(sdpa, True), "ours_acc": step(ours, True)})
+        steps = {"sdpa": step(sdpa, False), "ours": step(ours, False)}
+        if args.acc:
+            steps.update(sdpa_acc=step(sdpa, True), ours_acc=step(ours, True))
+        fb = interleaved_ms(steps)
         res["sdpa_fb_ms"], res["ours_fb_ms"] = (statistics.median(fb[n]) for n in ("sdpa", "ours"))
-        res["sdpa_fb_acc_ms"], res["ours_fb_acc_ms"] = (statistics.median(fb[n])
-                                                        for n in ("sdpa_acc", "ours_acc"))
-        res["fb_acc_speedup"] = res["sdpa_fb_acc_ms"] / res["ours_fb_acc_ms"]
+        if args.acc:
+            res["sdpa_fb_acc_ms"], res["ours_fb_acc_ms"] = (statistics.median(fb[n])
+                                                            for n in ("sdpa_acc", "ours_acc"))
+            res["fb_acc_speedup"] = res["sdpa_fb_acc_ms"] / res["ours_fb_acc_ms"]
         res["dq_kernel"], res["dkdv_kernel"] = backward_kernels_of(row, q, v)
         # Memory above the inputs, outputs and gradients that any attention needs: O(S^2) would
         # show here (an S x S bool mask at 128k tokens is 16 GiB).
@@ -290,6 +295,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="")
     parser.add_argument("--bwd", action="store_true")
+    parser.add_argument("--acc", action="store_true",
+                        help="with --bwd, also time the step that accumulates gradients")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -324,8 +331,9 @@ def main() -> None:
               f"{r['sdpa_ms']:8.2f} {r['ours_ms']:7.3f} {r['speedup']:7.2f}x "
               f"{r['predicted_speedup']:5.2f}x {r['goal'] or 0:5.1f} "
               f"{flex:>6s} {r['ours_dense_equiv_tflops']:6.0f}"
-              + (f"  fb {r['fb_speedup']:.2f}x ({r['fb_speedup'] / r['speedup']:.0%}; "
-                 f"accumulating {r['fb_acc_speedup']:.2f}x) "
+              + (f"  fb {r['fb_speedup']:.2f}x ({r['fb_speedup'] / r['speedup']:.0%}"
+                 + (f"; accumulating {r['fb_acc_speedup']:.2f}x" if "fb_acc_speedup" in r
+                    else "") + ") "
                  f"dQ {r['dq_kernel']} dK/dV {r['dkdv_kernel']} "
                  f"+{r['ours_fb_peak_extra_mib']:.0f}MiB" if "fb_speedup" in r else "")
               + (f"  est {r['estimation_ms']:.2f} lists {r['lists_ms']:.2f} kernel "

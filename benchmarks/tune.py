@@ -194,10 +194,12 @@ def tune_variants(rows, make_variants, out_path: str) -> None:
 
 def tune_sm90(rows, out_path: str) -> None:
     """The warp-specialized kernel (``codegen.sm90``) at 128-token Q tiles with 64- and
-    128-token KV tiles, at every ring depth from 3 to what fits, and the Triton kernel at the
-    row's default tiles: timed in three alternating rounds with SDPA, each output checked on
-    sampled float64 rows. Rows record ``kernel`` (as run.py's do) and ``stages``, which
-    ``spcompile calibrate --from-results`` reads."""
+    128-token KV tiles, at every ring depth from 3 to what fits, each launched with a program
+    per item and persistent (one program per SM, name suffix "-p"), and the Triton kernel at
+    the row's default tiles: timed in three alternating rounds with SDPA, each output checked
+    on sampled float64 rows. Rows record ``kernel`` (as run.py's do), ``stages`` and
+    ``programs``; ``spcompile calibrate --from-results`` reads the first two."""
+    from spcompile.codegen.fwd import num_sms
     from spcompile.codegen.sm90 import attn_fwd_sm90, in_scope, stages_for
 
     results = []
@@ -207,26 +209,32 @@ def tune_sm90(rows, out_path: str) -> None:
         default_plan = build_plan(row.pattern, s, s)
         fns = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
                "triton": functools.partial(attn_fwd, q, k, v, default_plan)}
-        variants = {"triton": ("triton", default_plan, default_config(default_plan).num_stages)}
+        variants = {"triton": ("triton", default_plan, default_config(default_plan).num_stages,
+                               None)}
+        sms = num_sms(q.device)
         for mk in (64, 128):
             plan = build_plan(row.pattern, s, s, *_tiles(row, 128, mk))
             if not in_scope(plan, q.dtype, D, D):
                 print(row.id, f"kv{mk}: outside the kernel's scope", flush=True)
                 continue
-            for stages in range(3, stages_for(plan, D, 2) + 1):
-                name = f"sm90-kv{mk}-s{stages}"
-                fns[name] = functools.partial(attn_fwd_sm90, q, k, v, plan, D**-0.5, stages)
-                variants[name] = ("sm90", plan, stages)
+            items = plan.num_q_tiles * B * H
+            for stages, programs in itertools.product(range(3, stages_for(plan, D, 2) + 1),
+                                                      (items, sms)):
+                name = f"sm90-kv{mk}-s{stages}" + ("-p" if programs < items else "")
+                fns[name] = functools.partial(attn_fwd_sm90, q, k, v, plan, D**-0.5, stages,
+                                              programs)
+                variants[name] = ("sm90", plan, stages, programs)
         errors = {}
         for name in variants:
             out, _ = fns[name]()
             errors[name] = sampled_error(row, q, k, v, out)
         rounds = interleaved_ms(fns)
         sdpa = statistics.median(rounds["sdpa"])
-        for name, (kernel, plan, stages) in variants.items():
+        for name, (kernel, plan, stages, programs) in variants.items():
             ms = statistics.median(rounds[name])
             res = {"id": row.id, "variant": name, "kernel": kernel, "q": plan.q_tile,
-                   "kv": plan.kv_tile, "stages": stages, "err": errors[name], "ms": ms,
+                   "kv": plan.kv_tile, "stages": stages, "programs": programs,
+                   "err": errors[name], "ms": ms,
                    "rounds_ms": rounds[name], "sdpa_ms": sdpa, "sdpa_rounds_ms": rounds["sdpa"],
                    "speedup": sdpa / ms, "tile_bound": plan.tile_bound,
                    "of_tile_bound": sdpa / ms / plan.tile_bound}

@@ -3,11 +3,11 @@
 Triton's pipeliner runs each KV tile as QK^T -> wait -> softmax -> PV -> wait in every warp: the
 tensor cores idle through each softmax, which held the plain Triton loop to ~80% of SDPA's
 per-tile rate on an H100. This kernel is laid out as FlashAttention-3's is. One program
-(384 threads) has three partitions:
+(384 threads) runs work items (a Q tile of one head) and has three partitions:
 
-- a producer warp issues every TMA load: Q once, then each K and V tile into a ring of
-  ``STAGES`` buffers, as soon as both consumers have released the buffer (mbarriers "full" and
-  "empty" per buffer, no CTA-wide barrier anywhere in the loop);
+- a producer warp issues every TMA load: each item's Q tile, then its K and V tiles into a
+  ring of ``STAGES`` buffers, as soon as both consumers have released the buffer (mbarriers
+  "full" and "empty" per buffer, no CTA-wide barrier anywhere in the loop);
 - two consumer warpgroups, each owning 64 of the Q tile's 128 rows, run the online softmax
   with the next tile's scores issued before the previous tile's P V:
 
@@ -17,6 +17,11 @@ per-tile rate on an H100. This kernel is laid out as FlashAttention-3's is. One 
       wait for acc; release V_{j-1}; acc *= alpha_j
 
   The two warpgroups are not kept in step, so one's softmax also overlaps the other's MMAs.
+  Each item's output is staged in shared memory and stored by TMA.
+
+A program runs one item (grid = items), or, persistent (``persistent_for``: the 1-D plans),
+one program per SM runs every num_programs-th item: its ring then runs on from one item into
+the next, and the next Q tile loads behind the last P V and output store of the previous item.
 
 Measured on the H100 (benchmarks/RESULTS.md, session 7), against the Triton kernel in the same
 rounds: the suite's N-d rows +7-20%, its 1-D rows (64-token KV tiles) +1-5%. A hand-written
@@ -55,6 +60,7 @@ from .emit import layout_code, mask_expr, needs_aux
 from .fwd import (
     box_tile_lines,
     descriptor_box,
+    num_sms,
     padded_dim,
     tma_coords,
     tma_eligible,
@@ -69,10 +75,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 '''
 
-# The loop over a Q tile's KV tiles and the warp that loads them: shared by the forward and the
-# dQ kernel (``sm90_bwd``), which differ in the per-row tiles loaded once ({row_descs}: Q's
-# halves, and dO's for dQ).
-_KV_LOOP = '''
+# The it-th KV tile of a Q tile, and the load of one K and V tile into the ring at position
+# {c} (tiles loaded so far): shared by the forward's producer and the dQ kernel's (``sm90_bwd``).
+_KV_TILE_AT = '''
 
 @gluon.jit
 def kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride):
@@ -83,43 +88,103 @@ def kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride):
     else:
         kv_tile = gl.load(PART_IDX + tile * part_stride + it - n_full)
     return kv_tile
+'''
 
+_RING_LOAD = """\
+stage = {c} % STAGES
+free = (({c} // STAGES) & 1) ^ 1  # passes at once on each buffer's first use
+kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)
+mbarrier.wait(k_empty.index(stage), free)
+mbarrier.expect(k_full.index(stage), KD.block_type.nbytes)
+tma.async_copy_global_to_shared(KD, {kv_coords}, k_full.index(stage),
+                                k_boxes.index(stage))
+mbarrier.wait(v_empty.index(stage), free)
+mbarrier.expect(v_full.index(stage), VD.block_type.nbytes)
+tma.async_copy_global_to_shared(VD, {kv_coords}, v_full.index(stage),
+                                v_boxes.index(stage))"""
+
+# A producer's view of the ring: its buffers as the descriptors' N-d boxes (same bytes: a box's
+# tokens are its rows in row-major order, and the swizzle repeats every 8 rows).
+_RING_VIEWS = """\
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_D: gl.constexpr = k_smem.type.shape[2]
+    k_boxes = k_smem._reinterpret(KD.dtype, {kv_ring}, KD.layout)
+    v_boxes = v_smem._reinterpret(VD.dtype, {kv_ring}, VD.layout)"""
+
+# The dQ kernel's producer: its program owns one Q tile, whose per-row tiles ({row_descs}: Q's
+# and dO's halves) it loads once.
+_KV_LOOP = '''
 
 @gluon.jit
 def producer({row_descs}, KD, VD, {row_smem}, k_smem, v_smem, q_bar, k_full, v_full, k_empty,
              v_empty, b, h, hk, H, H_KV, tile, n_full, n, FULL_BOX, PART_IDX, part_stride):
     """One warp: the Q tile's rows once, then every K and V tile by TMA into the ring, each as
     soon as both consumers have released the buffer it goes to."""
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    BLOCK_D: gl.constexpr = k_smem.type.shape[2]
-    # The ring buffers seen as the descriptors' N-d boxes (same bytes: a box's tokens are its
-    # rows in row-major order, and the swizzle repeats every 8 rows).
-    k_boxes = k_smem._reinterpret(KD.dtype, {kv_ring}, KD.layout)
-    v_boxes = v_smem._reinterpret(VD.dtype, {kv_ring}, VD.layout)
+{ring_views}
     mbarrier.expect(q_bar, {row_bytes})
 {row_loads}
     for it in range(n):
-        stage = it % STAGES
-        free = ((it // STAGES) & 1) ^ 1  # passes at once on each buffer's first use
-        kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)
-        mbarrier.wait(k_empty.index(stage), free)
-        mbarrier.expect(k_full.index(stage), KD.block_type.nbytes)
-        tma.async_copy_global_to_shared(KD, {kv_coords}, k_full.index(stage),
-                                        k_boxes.index(stage))
-        mbarrier.wait(v_empty.index(stage), free)
-        mbarrier.expect(v_full.index(stage), VD.block_type.nbytes)
-        tma.async_copy_global_to_shared(VD, {kv_coords}, v_full.index(stage),
-                                        v_boxes.index(stage))
+{ring_load}
+'''
+
+# The forward's work items, numbered head-major: a program of a one-item launch (grid = items)
+# runs item program_id, as the hardware orders programs; a persistent one runs every
+# num_programs-th. Consecutive items are Q tiles of one head, so the items in flight at once
+# share their K and V tiles in L2.
+_ITEM_AT = '''
+
+@gluon.jit
+def item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE):
+    """Item ``w``: its batch, head and KV head, its Q tile (SCHEDULE: most KV tiles first) and
+    the tile's FULL and total KV tile counts."""
+    bh = w // {num_q_tiles}
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+    tile = gl.load(SCHEDULE + w % {num_q_tiles})
+    n_full = gl.load(FULL_CNT + tile)
+    n = n_full + {n_part}
+    return b, h, hk, tile, n_full, n
+'''
+
+_FWD_PRODUCER = '''
+
+@gluon.jit
+def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
+             v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
+             part_stride):
+    """One warp: for each item of this program, the Q tile's halves (once both consumers have
+    read the previous Q tile for the last time), then its K and V tiles by TMA into the ring,
+    each as soon as both consumers have released the buffer it goes to. The ring runs on
+    across items: the next item's first tiles load while this one's last are computed."""
+{ring_views}
+    q_halves = q_smem._reinterpret(QD.dtype, {q_halves}, QD.layout)
+    c = 0  # K/V tiles loaded by this program
+    j = 0  # items started by this program
+    for w in range(gl.program_id(0), items, gl.num_programs(0)):
+        b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
+        mbarrier.wait(q_empty, (j & 1) ^ 1)
+        mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
+        for half in gl.static_range(2):
+            tma.async_copy_global_to_shared(QD, {q_coords}, q_bar,
+                                            q_halves.index(half))
+        for it in range(n):
+{ring_load}
+            c += 1
+        j += 1
 '''
 
 _TEMPLATE = '''
 
 @gluon.jit
-def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-             b, h, H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, s_lh,
-             HALF: gl.constexpr):
-    """One warpgroup: rows [64 HALF, 64 HALF + 64) of the Q tile, the online softmax with the
-    next tile's scores issued before the previous tile's P V."""
+def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, k_empty,
+             v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
+             part_stride, sm_scale, s_lb, s_lh, HALF: gl.constexpr):
+    """One warpgroup: for each item of this program, rows [64 HALF, 64 HALF + 64) of its Q
+    tile, the online softmax with the next tile's scores issued before the previous tile's
+    P V. Q's buffer is released after the item's last scores, so the next Q tile loads behind
+    the last P V and the output's store. The output goes out by TMA from ``o_smem``:
+    {o_where}. The item's last K buffer returns to the ring once that store has read it."""
     ROWS: gl.constexpr = 64
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -130,53 +195,72 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
 
     offs_m = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
     offs_n = gl.arange(0, BLOCK_N, layout=cols)
-{q_layout}
-    q_row = q_tok
-    q_row_ok = q_ok
-{q_2d}
-    qpos = q_tok + {offset}
-
     q = q_smem.index(HALF)
+    o_halves = o_smem._reinterpret(dtype, [{o_count}, ROWS, BLOCK_D], q_smem.layout)
+    o_boxes = o_smem._reinterpret(dtype, {o_boxes}, OD.layout)
     qk_scale = sm_scale * 1.4426950408889634
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, rows)
-    l_i = gl.zeros([ROWS], gl.float32, rows)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_full.index(0), 0)
-    it = 0
-    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    mbarrier.arrive(k_empty.index(0))
+    c = 0  # K/V tiles consumed by this program (the ring's position)
+    j = 0  # items finished by this program (the phase of Q's buffer)
+    for w in range(gl.program_id(0), items, gl.num_programs(0)):
+        b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
+{q_layout}
+        q_row = q_tok
+        q_row_ok = q_ok
+{q_2d}
+        qpos = q_tok + {offset}
+        acc = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, rows)
+        l_i = gl.zeros([ROWS], gl.float32, rows)
+        mbarrier.wait(q_bar, j & 1)
+        stage = c % STAGES
+        mbarrier.wait(k_full.index(stage), (c // STAGES) & 1)
+        it = 0
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False)
+        if n == 1:
+            mbarrier.arrive(q_empty)  # this half of Q is read for the last time
+        else:
+            mbarrier.arrive(k_empty.index(stage))
 {softmax_first}
-    for it in range(1, n):
-        stage = it % STAGES
-        prev = (it - 1) % STAGES
-        mbarrier.wait(k_full.index(stage), (it // STAGES) & 1)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-        mbarrier.wait(v_full.index(prev), ((it - 1) // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(prev), acc,
-                            is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s,))
-        mbarrier.arrive(k_empty.index(stage))
+        for it in range(1, n):
+            stage = (c + it) % STAGES
+            prev = (c + it - 1) % STAGES
+            mbarrier.wait(k_full.index(stage), ((c + it) // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+            mbarrier.wait(v_full.index(prev), ((c + it - 1) // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(prev), acc,
+                                is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            if it == n - 1:
+                mbarrier.arrive(q_empty)
+            else:
+                mbarrier.arrive(k_empty.index(stage))
 {softmax_loop}
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        last = (c + n - 1) % STAGES
+        mbarrier.wait(v_full.index(last), ((c + n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(last), acc,
+                            is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-    last = (n - 1) % STAGES
-    mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p, a_layout), v_smem.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(last))
 
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    q.store(out.to(dtype))  # this half of Q's buffer is free: all its scores are done
-    fence_async_shared()
-    o_box = q_smem._reinterpret(dtype, {q_halves}, OD.layout).index(HALF)
-    tma.async_copy_shared_to_global(OD, {o_coords}, o_box)
-    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    gl.store(LSE + b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh + q_row, lse, mask=q_row_ok)
-    tma.store_wait(0)
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh + q_row, lse,
+                 mask=q_row_ok)
+        mbarrier.wait(q_empty, j & 1)  # both halves' last scores are done: K[last] is free
+        o_halves.index({o_slot}).store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(OD, {o_coords},
+                                        o_boxes.index({o_slot}))
+        tma.store_wait(0)
+        mbarrier.arrive(k_empty.index(last))
+        c += n
+        j += 1
 
 
 {halves}
@@ -184,19 +268,32 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_
 
 # Scalars that reach the partitions stay run-time values: Triton would turn one equal to 1 (a
 # single KV head, a list one tile wide) into a constant, which warp_specialize cannot pass.
-@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "part_stride", "H", "H_KV"])
+@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "part_stride", "H", "H_KV", "items"])
 def attn_fwd_sm90(
     QD, KD, VD, OD, LSE, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
-    sm_scale, s_lb, s_lh, part_stride, H, H_KV,
+    sm_scale, s_lb, s_lh, part_stride, H, H_KV, items,
     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
 ):
-{program}
-    shared = (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty)
-    work = (tile, n_full, n, FULL_BOX, PART_IDX, part_stride)
+    dtype: gl.constexpr = QD.dtype
+    tile2d: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
+    # The Q tile's rows as two 64-row halves, one per consumer: each half is a whole NVMMA
+    # tile (a [128, D] tile wider than the swizzle is stored column block by column block, so
+    # its row halves would not be contiguous).
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=2)  # released by both consumers
+{kv_ring}
+{o_smem}
+    ring = (q_bar, q_empty, k_full, v_full, k_empty, v_empty)
+    work = (H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE, part_stride)
+    rest = (sm_scale, s_lb, s_lh)
     gl.warp_specialize(
-        [(consumer_0, (OD, LSE) + shared + (b, h, H) + work + (sm_scale, s_lb, s_lh)),
-         (consumer_1, (OD, LSE) + shared + (b, h, H) + work + (sm_scale, s_lb, s_lh)),
-         (producer, (QD, KD, VD) + shared + (b, h, hk, H, H_KV) + work)],
+        [(consumer_0, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + work + rest),
+         (consumer_1, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + work + rest),
+         (producer, (QD, KD, VD, q_smem, k_smem, v_smem) + ring + work)],
         [4, 1], [240, 24])
 '''
 
@@ -233,7 +330,7 @@ CONSUMER_LAYOUTS = """\
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)"""
 
-# The start of a kernel whose program owns one Q tile of one head (the forward, dQ): its tile
+# The start of a kernel whose program owns one Q tile of one head (the dQ kernel): its tile
 # (SCHEDULE: most KV tiles first), the 64-row halves of each per-row buffer ({rows}), and the
 # K/V ring with its mbarriers.
 _Q_TILE_PROGRAM = """\
@@ -254,14 +351,19 @@ _Q_TILE_PROGRAM = """\
     # tile (a [128, D] tile wider than the swizzle is stored column block by column block, so
     # its row halves would not be contiguous).
 {rows}
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+{kv_ring}"""
+
+# The K/V ring of a kernel whose program loops over KV tiles (the forward, dQ): ``STAGES``
+# buffers of each, with their "full" (loaded) and "empty" (released) mbarriers.
+_KV_RING = """\
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], tile2d)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
@@ -273,6 +375,7 @@ def q_tile_program(plan: TilePlan, rows: list[str]) -> str:
     """``_Q_TILE_PROGRAM`` for ``plan``, with a [2, 64, BLOCK_D] buffer for each name in
     ``rows``."""
     return _Q_TILE_PROGRAM.format(
+        kv_ring=_KV_RING,
         num_q_tiles=plan.num_q_tiles,
         n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0",
         rows="\n".join(f"    {r} = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)"
@@ -285,9 +388,9 @@ def _gl(lines: list[str], indent: int) -> str:
     return "\n".join(pad + line.replace("tl.", "gl.") for line in lines)
 
 
-_CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, "
-                    "b, h, H, tile, n_full, n, FULL_BOX, PART_IDX, part_stride, sm_scale, s_lb, "
-                    "s_lh")
+_CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, "
+                    "k_empty, v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, "
+                    "SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
 
 
 def consumer_halves(params: str) -> str:
@@ -303,26 +406,36 @@ def consumer_halves(params: str) -> str:
     return "\n\n\n".join(out)
 
 
+def _kv_tile_at(plan: TilePlan) -> str:
+    box_before, box_tile = box_tile_lines(plan, "tile")
+    return _KV_TILE_AT.format(box=_gl(box_before, 8), box_tile=box_tile.replace("tl.", "gl."))
+
+
+def _ring(plan: TilePlan, counter: str, indent: int) -> dict[str, str]:
+    """The ``ring_views`` and ``ring_load`` (at ring position ``counter``) of a producer."""
+    kv = plan.kv_layout
+    load = _RING_LOAD.format(c=counter, kv_coords=tma_coords(kv, "kv_tile", "hk", "H_KV"))
+    return {"ring_views": _RING_VIEWS.format(kv_ring=_shape("STAGES", plan, kv.tile)),
+            "ring_load": textwrap.indent(load, " " * indent)}
+
+
 def kv_loop_source(plan: TilePlan, rows: list[tuple[str, str]]) -> str:
     """``kv_tile_at`` and ``producer`` for a kernel whose program owns one Q tile of ``plan``
-    and loads, once, the two 64-row halves of each (descriptor, shared buffer) in ``rows``."""
-    box_before, box_tile = box_tile_lines(plan, "tile")
-    kv, q = plan.kv_layout, plan.q_layout
+    and loads, once, the two 64-row halves of each (descriptor, shared buffer) in ``rows``
+    (the dQ kernel)."""
+    q = plan.q_layout
     loads = ["for half in gl.static_range(2):"]
     for desc, smem in rows:
         loads += [f"    {smem}_halves = {smem}._reinterpret({desc}.dtype, "
                   f"{_shape('2', plan, half_box(q))}, {desc}.layout)",
                   f"    tma.async_copy_global_to_shared({desc}, {half_coords(q, 'half')}, q_bar,",
                   f"                                    {smem}_halves.index(half))"]
-    return _KV_LOOP.format(
-        box=_gl(box_before, 8),
-        box_tile=box_tile.replace("tl.", "gl."),
+    return _kv_tile_at(plan) + _KV_LOOP.format(
         row_descs=", ".join(d for d, _ in rows),
         row_smem=", ".join(m for _, m in rows),
         row_bytes=" + ".join(f"2 * {d}.block_type.nbytes" for d, _ in rows),
         row_loads=_gl(loads, 4),
-        kv_coords=tma_coords(kv, "kv_tile", "hk", "H_KV"),
-        kv_ring=_shape("STAGES", plan, kv.tile),
+        **_ring(plan, "it", 8),
     )
 
 
@@ -331,17 +444,30 @@ def sm90_source(plan: TilePlan) -> str:
     q = plan.q_layout
     q_1d = layout_code(q, "q", "tile", "offs_m", "")
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
-    return _HEADER + kv_loop_source(plan, [("QD", "q_smem")]) + _TEMPLATE.format(
+    item_at = _ITEM_AT.format(
+        num_q_tiles=plan.num_q_tiles,
+        n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0")
+    producer = _FWD_PRODUCER.format(q_halves=_shape("2", plan, half_box(q)),
+                                    q_coords=half_coords(q, "half"), **_ring(plan, "c", 12))
+    if own_output_buffer(plan):
+        o_where = "a buffer of its own (a K buffer holds half of it)"
+        o_smem = "    o_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)"
+        o_count, o_slot = "2", "HALF"
+    else:
+        o_where = "the item's last K buffer"
+        o_smem = "    o_smem = k_smem  # the output is staged in each item's last K buffer"
+        o_count, o_slot = "2 * STAGES", "2 * last + HALF"
+    return _HEADER + _kv_tile_at(plan) + item_at + producer + _TEMPLATE.format(
         halves=consumer_halves(_CONSUMER_PARAMS),
-        o_coords=half_coords(q, "HALF"),
-        q_halves=_shape("2", plan, half_box(q)),
         layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_N"),
-        program=q_tile_program(plan, ["q_smem"]),
-        q_layout=_gl(q_1d, 4),
-        q_2d=_gl(q_2d, 4),
+        o_where=o_where, o_smem=o_smem, o_count=o_count, o_slot=o_slot, kv_ring=_KV_RING,
+        o_boxes=_shape(o_count, plan, half_box(q)),
+        o_coords=half_coords(q, "HALF"),
+        q_layout=_gl(q_1d, 8),
+        q_2d=_gl(q_2d, 8),
         offset=plan.kv_len - plan.q_len,
-        softmax_first=_softmax(plan, 4),
-        softmax_loop=_softmax(plan, 8),
+        softmax_first=_softmax(plan, 8),
+        softmax_loop=_softmax(plan, 12),
     )
 
 
@@ -401,11 +527,18 @@ def ring_depth(once: int, per_stage: int, row_bytes: int) -> int:
     return min(4, (_SMEM_LIMIT - _SMEM_SLACK - once * row_bytes) // (per_stage * row_bytes))
 
 
+def own_output_buffer(plan: TilePlan) -> bool:
+    """Whether the forward stages its output in a buffer of its own: where a K buffer cannot
+    hold the 128 rows of a Q tile (else the item's last K buffer stages them)."""
+    return plan.kv_layout.tile_size < plan.q_layout.tile_size
+
+
 def stages_for(plan: TilePlan, block_d: int, element_bytes: int) -> int:
-    """The most K/V ring buffers that fit next to Q (``in_scope`` asks for at least 3: a
-    buffer is refilled a whole tile before it is read)."""
-    return ring_depth(plan.q_layout.tile_size, 2 * plan.kv_layout.tile_size,
-                      block_d * element_bytes)
+    """The most K/V ring buffers that fit next to Q (and the output's buffer, where it has
+    one); ``in_scope`` asks for at least 3: a buffer is refilled a whole tile before it is
+    read."""
+    once = plan.q_layout.tile_size * (2 if own_output_buffer(plan) else 1)
+    return ring_depth(once, 2 * plan.kv_layout.tile_size, block_d * element_bytes)
 
 
 def gluon_plan(plan: TilePlan) -> bool:
@@ -490,10 +623,33 @@ def _module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90"), sm90_source(plan))
 
 
+def persistent_for(plan: TilePlan) -> bool:
+    """Whether the forward launches one program per SM, each running every num_programs-th
+    item (else one program per item): for 1-D plans.
+
+    Their items are short and alike (a Q tile visits 8 KV tiles on blk16k, 16 on sw16k), so
+    the start of each program (its barriers, Q and first K/V loads, the ring's fill) and its
+    end (the last P V, the output's store) are a large share of it. On the H100, against one
+    program per item in the same rounds (``benchmarks/tune.py --sm90``): blk16k +12.7%, sw16k
+    +4.1% (benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json).
+
+    N-d plans keep one program per item. Their items are long (50 to 135 KV tiles on the
+    suite's video rows) and neighbouring Q tiles share most of their K/V tiles. Persistent, in
+    the same rounds: na2d31 -0.8%, flux_gna +4.2%; against session 7's one-item runs (other
+    rounds), hunyuan_na -9%, na2d63 -5%, na3d -3%
+    (benchmarks/data/2026-12-07-s10-h100-run-{a,b}.json). A fixed stride lets the programs
+    drift apart, so the items in flight are no longer neighbours in L2 (a suspicion, not
+    profiled); the hardware's own order keeps them so."""
+    return plan.q_layout.ndim == 1
+
+
 def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
-                  stages: int | None = None) -> tuple[Tensor, Tensor] | None:
+                  stages: int | None = None, programs: int | None = None
+                  ) -> tuple[Tensor, Tensor] | None:
     """Run the Gluon forward; None when the tensors cannot be described for TMA (the caller
-    runs the Triton kernel). Same contract as ``fwd.attn_fwd``."""
+    runs the Triton kernel). Same contract as ``fwd.attn_fwd``. ``programs``: the grid
+    (default: one per SM where ``persistent_for`` the plan, else one per item); each program
+    runs every ``programs``-th item."""
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
@@ -501,16 +657,18 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     if views is None:
         return None
     bd = padded_dim(d)
-    swizzle = swizzle_bytes(bd, q.element_size())
     half, kv = half_box(plan.q_layout), plan.kv_layout.tile
     descs = descriptors(plan, views, [half, kv, kv, half])
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     t = plan.device_tensors(q.device)
-    _module(plan).attn_fwd_sm90[(plan.num_q_tiles * b * h,)](
-        *descs, lse, t["full_cnt"], t["full_box"], t["part_idx"], t["part_cnt"], t["schedule"],
-        scale, lse.stride(0), lse.stride(1), t["part_idx"].stride(0), h, h_kv,
-        BLOCK_N=plan.kv_layout.tile_size, BLOCK_D=bd, SWIZZLE=swizzle,
+    items = plan.num_q_tiles * b * h
+    if programs is None:
+        programs = num_sms(q.device) if persistent_for(plan) else items
+    _module(plan).attn_fwd_sm90[(min(programs, items),)](
+        *descs, lse, t["full_cnt"], t["full_box"], t["part_idx"], t["part_cnt"],
+        t["schedule"], scale, lse.stride(0), lse.stride(1), t["part_idx"].stride(0), h, h_kv,
+        items,
+        BLOCK_N=plan.kv_layout.tile_size, BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
         STAGES=stages or launch_stages(plan, d), num_warps=4,
     )
     return out, lse
-

@@ -8,6 +8,8 @@ neighborhoods on odd grids (strided, causal), GQA, head dims 32 to 128, fp16 and
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from sm90_cases import CASES, HOPPER, gluon_builds, random_inputs, strided_inputs
@@ -19,7 +21,11 @@ from spcompile.codegen.sm90 import (
     forward_plan,
     half_box,
     half_coords,
+    own_output_buffer,
+    persistent_for,
     sm90_eligible,
+    sm90_source,
+    stages_for,
 )
 from spcompile.plan.tiles import build_plan
 
@@ -79,6 +85,20 @@ def test_forward_plan_is_the_kernel_s() -> None:
     assert launch.forward_plan(builder(sliding), q, q).kv_tile == (64,)
 
 
+def test_launch_and_output_buffer_follow_the_plan() -> None:
+    """1-D plans launch persistent, N-d plans a program per item (``persistent_for``); a plan
+    whose K buffer cannot hold a Q tile's output stages it in a buffer of its own, and its
+    ring depth counts that buffer."""
+    one_d = build_plan(sp.Sliding(left=100, right=100), 4096, 4096, specialized=True)
+    n_d = build_plan(sp.Neighborhood(shape=(64, 64), window=15), 4096, 4096)
+    assert persistent_for(one_d) and not persistent_for(n_d)
+    small_kv = build_plan(sp.Sliding(left=100, right=100), 4096, 4096, (128,), (64,))
+    assert own_output_buffer(small_kv) and not own_output_buffer(one_d)
+    assert "o_smem = gl.allocate_shared_memory" in sm90_source(small_kv)
+    assert "o_smem = k_smem" in sm90_source(one_d)
+    assert stages_for(small_kv, 128, 2) == 4 and stages_for(one_d, 128, 2) == 3
+
+
 def test_lowers_for_sm90() -> None:
     """The generated Gluon kernel of a 1-D, a 2-D and a 3-D plan compiles for Hopper on any
     machine (Triton's bundled ptxas): one producer and two consumers with their register
@@ -94,7 +114,9 @@ def test_lowers_for_sm90() -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """On the plan ``sparse_attention`` builds for the kernel (1-D: 128-token KV tiles) and,
-    where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles)."""
+    where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles); launched with
+    a program per item, and with 7 programs that each run every 7th item (the ring and Q's
+    buffer carried across items)."""
     pattern, q, k, v = random_inputs(CASES[case], dtype)
     ref, ref_lse = sp.reference_attention(q.double(), k.double(), v.double(), pattern,
                                           return_lse=True)
@@ -102,13 +124,14 @@ def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     plans = {(p.q_tile, p.kv_tile): p for p in
              (build_plan(pattern, q.shape[2], k.shape[2], head_dim=q.shape[3], specialized=s)
               for s in (True, False))}
-    for plan in plans.values():
+    for plan, programs in itertools.product(plans.values(), (None, 7)):
         assert launch.forward_kernel(plan, q, v) == "sm90", "the case must run the Gluon kernel"
-        result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5)
+        result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5, programs=programs)
         assert result is not None
         out, lse = result
         err = float((out.double() - ref).norm() / ref.norm())
-        assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), f"{plan.kv_tile}: {err:.2e}"
+        assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), \
+            f"{plan.kv_tile}, {programs} programs: {err:.2e}"
         assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all()
         torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-3, rtol=1e-3)
 
