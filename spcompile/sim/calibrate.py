@@ -212,7 +212,11 @@ def load_results(
                     skipped.append(f"{where}: measured on a different plan (tile bound "
                                    f"{float(recorded):.2f} then, {now:.2f} now)")
                     continue
-            out.append(m)
+            other = _other_gluon_launch(row, m.plan()) if m.specialized else ""
+            if other:  # the Triton kernel timed beside it still counts
+                skipped.append(f"{where}: measured {other}, not the launch that runs by default")
+            else:
+                out.append(m)
             if m.specialized and row.get("triton_ms") is not None:
                 # benchmarks/run.py times the Triton kernel on the same inputs, same rounds, on
                 # its own default plan (1-D: 64-token KV tiles where the Gluon kernel's hold
@@ -238,7 +242,10 @@ def _other_kernel(row: dict[str, Any]) -> str:
     """Which non-default kernel variant a row measured ("" for the default one). Rows of
     ``benchmarks/tune.py --persistent`` / ``--loops`` record the flags (a row without one ran
     before it existed: its default); earlier files of the same scripts name them in
-    ``variant`` only: "persistent-N", or "{list|box}-{rank|head}"."""
+    ``variant`` only: "persistent-N", or "{list|box}-{rank|head}". (Rows of the Gluon kernel:
+    ``_other_gluon_launch``.)"""
+    if row.get("kernel") == "sm90":
+        return ""
     flags = {k: row[k] for k in DEFAULT_KERNEL if k in row}
     variant = str(row.get("variant", ""))
     if not flags and variant:
@@ -248,6 +255,18 @@ def _other_kernel(row: dict[str, Any]) -> str:
             flags["box_loops"] = parts[0] == "box"
             flags["head_major"] = parts[1] == "head"
     return ", ".join(f"{k}={v}" for k, v in flags.items() if v != DEFAULT_KERNEL[k])
+
+
+def _other_gluon_launch(row: dict[str, Any], plan: TilePlan) -> str:
+    """Whether a Gluon kernel's row ran another launch than ``sm90.persistent_for`` gives its
+    plan ("" if not). run.py's rows record it (``sm90_persistent``), tune.py's name it (a
+    "-p" variant); rows before session 10 ran one program per item."""
+    from ..codegen import sm90
+
+    persistent = row.get("sm90_persistent", str(row.get("variant", "")).endswith("-p"))
+    if persistent == sm90.persistent_for(plan):
+        return ""
+    return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
 
 
 def _split_launch(text: str, launch: tuple[int, int] | str | None

@@ -14,12 +14,19 @@ warp-specialized Hopper kernel of session 7 (``codegen.sm90``) with
         benchmarks/data/2026-12-06-s7-h100-run-{a,b,c,d}.json \\
         benchmarks/data/2026-12-06-s9-h100-run-{a,b}.json \\
         benchmarks/data/2026-12-06-s9-h100-tune-sm90-fwd.json \\
+        benchmarks/data/2026-12-07-s10-h100-run-{a,b}.json \\
+        benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json \\
         --out spcompile/sim/profiles/h100.json
 
 (rows of other kernels in those files are skipped by ``load_results``; a session-7 or -9 row
 gives two measurements: the warp-specialized kernel, and the Triton kernel timed in the same
 rounds on its own tiles). Session 9 added the warp-specialized kernel's 1-D launch at 128-token
-KV tiles (fitted on sw16k and blk16k; sw32k and csw32k held out: +3.0% and -0.7%).
+KV tiles (fitted on sw16k and blk16k; sw32k and csw32k held out: +3.0% and -0.7%). Session 10
+made that launch persistent (``sm90.persistent_for``): rows of the Gluon kernel count only where
+they ran their plan's launch, so the 1-D launch is now fitted on session 10's rows alone
+(sw16k +4.6%, blk16k -8.9%; sw32k and csw32k held out: +1.0% and +3.2%), the N-d launches on
+sessions 7-10's one-program-per-item rows. ``host_us`` was re-measured (161 us a forward call),
+which let blk16k's 0.36 ms rows into the fit.
 Held out of that fit: every row (all configurations, both kernels) of sw32k, na3d, csw32k,
 flux_gna, hunyuan_na and stream128k, and the whole of ``2026-11-23-s5-h100-run-a.json`` (a
 suite run at the default tiles and launches in another process, never fitted). na3d's
@@ -373,7 +380,10 @@ def test_topk_and_streaming_rows_predicted_within_15_percent():
     """topk64k (whose TopK coefficients were fitted to it), stream128k (held out of the fit)
     and the rows outside TARGETS.md (held out: causal TopK at 32k, TopK with 128-token blocks,
     mixed dense/streaming heads), measured on the H100 by ``benchmarks/run.py``: the predicted
-    speedup (estimation included) within 15% of measured."""
+    speedup (estimation included) within 15% of measured. The streaming rows were measured in
+    session 5, on the Triton kernel at 4 warps, 2 stages; since session 9 the Gluon kernel
+    runs them (128-token KV tiles, not measured yet), so they are costed at the launch that
+    ran."""
     import json
     import sys
 
@@ -389,7 +399,9 @@ def test_topk_and_streaming_rows_predicted_within_15_percent():
             if res["id"] in ("topk64k", "stream128k", "topk32k_causal", "topk64k_b128",
                              "mixed32k"):
                 row = rows[res["id"]]
-                r = simulate(row.pattern, row.seq_len, heads=24, head_dim=128, device="h100")
+                ran = (4, 2) if res["id"] in ("stream128k", "mixed32k") else None
+                r = simulate(row.pattern, row.seq_len, heads=24, head_dim=128, device="h100",
+                             launch=ran)
                 checked.append((res["id"], round(r.predicted_speedup / res["speedup"] - 1, 3)))
     assert {i for i, _ in checked} == {"topk64k", "stream128k", "topk32k_causal",
                                        "topk64k_b128", "mixed32k"}
@@ -441,7 +453,7 @@ def test_load_results_reads_both_kernels(tmp_path):
     """A run.py row of the warp-specialized kernel gives two measurements (it, and the Triton
     kernel timed beside it); a tune.py --sm90 row keeps its recorded ring depth."""
     base = {"pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q": [128], "kv": [64],
-            "sdpa_ms": 2.0}
+            "sdpa_ms": 2.0, "sm90_persistent": True}  # a 1-D plan's launch since session 10
     rows = [dict(base, id="run", kernel="sm90", ours_ms=0.2, triton_ms=0.25),
             dict(base, id="tune", kernel="sm90", stages=3, ms=0.21)]
     path = tmp_path / "r.json"
@@ -462,6 +474,32 @@ def test_load_results_reads_both_kernels(tmp_path):
         assert not skipped
         assert [m.key for m in got] == [LaunchKey(128, 128, 12, 3, specialized=True),
                                         LaunchKey(128, 64, 4, 2)]
+
+
+
+def test_load_results_keeps_the_default_gluon_launch(tmp_path):
+    """Gluon rows are kept where they ran the launch ``sm90.persistent_for`` gives their plan
+    (1-D: persistent; N-d: a program per item): run.py's rows record it, tune.py's name it
+    ("-p"), older rows ran a program per item. The Triton kernel timed beside a skipped row
+    still counts."""
+    one_d = {"pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q": [128], "kv": [128]}
+    n_d = {"pattern": {"neighborhood": {"shape": [64, 64], "window": 15}}, "tokens": 4096,
+           "q": [8, 16], "kv": [8, 16]}
+    common = {"sdpa_ms": 2.0, "kernel": "sm90", "ms": 0.2}
+    rows = [dict(one_d, **common, id="1d-old"), dict(n_d, **common, id="nd-old"),
+            dict(one_d, **common, id="1d-run-p", sm90_persistent=True, triton_ms=0.3),
+            dict(n_d, **common, id="nd-run-p", sm90_persistent=True, triton_ms=0.3),
+            dict(one_d, **common, id="1d-tune-p", variant="sm90-kv128-s3-p", stages=3),
+            dict(n_d, **common, id="nd-tune-1", variant="sm90-kv128-s3", stages=3)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    got, skipped = load_results([path])
+    assert [(m.id, m.specialized) for m in got] == [
+        ("nd-old", True), ("1d-run-p", True), ("1d-run-p", False), ("nd-run-p", False),
+        ("1d-tune-p", True), ("nd-tune-1", True)]
+    assert len(skipped) == 2
+    assert "1d-old: measured the Gluon kernel one program per item" in skipped[0]
+    assert "nd-run-p: measured the Gluon kernel persistent" in skipped[1]
 
 
 # ---------------------------------------------------------------------------------------------
