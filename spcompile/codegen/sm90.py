@@ -635,8 +635,9 @@ def persistent_for(plan: TilePlan) -> bool:
 
     N-d plans keep one program per item. Their items are long (50 to 135 KV tiles on the
     suite's video rows) and neighbouring Q tiles share most of their K/V tiles. Persistent, in
-    the same rounds: na2d31 -0.8%, flux_gna +4.2%; against session 7's one-item runs (other
-    rounds), hunyuan_na -9%, na2d63 -5%, na3d -3%
+    the same rounds: na2d31 -0.8%, flux_gna +4.2%. Its lead over the Triton kernel timed in the
+    same rounds shrank on every N-d row of the suite against session 7's one-item runs:
+    hunyuan_na +12.9% -> +2.6%, na2d63 +17.5% -> +12.9%, the others by 1-3 points
     (benchmarks/data/2026-12-07-s10-h100-run-{a,b}.json). A fixed stride lets the programs
     drift apart, so the items in flight are no longer neighbours in L2 (a suspicion, not
     profiled); the hardware's own order keeps them so."""
