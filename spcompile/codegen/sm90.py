@@ -127,10 +127,10 @@ def producer({row_descs}, KD, VD, {row_smem}, k_smem, v_smem, q_bar, k_full, v_f
 {ring_load}
 '''
 
-# The forward's work items, numbered head-major: a program of a one-item launch (grid = items)
-# runs item program_id, as the hardware orders programs; a persistent one runs every
-# num_programs-th. Consecutive items are Q tiles of one head, so the items in flight at once
-# share their K and V tiles in L2.
+# The work items of the kernels whose programs own Q tiles (the forward, dQ), numbered
+# head-major: a program of a one-item launch (grid = items) runs item program_id, as the
+# hardware orders programs; a persistent forward runs every num_programs-th. Consecutive items
+# are Q tiles of one head, so the items in flight at once share their K and V tiles in L2.
 _ITEM_AT = '''
 
 @gluon.jit
@@ -330,22 +330,14 @@ CONSUMER_LAYOUTS = """\
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)"""
 
-# The start of a kernel whose program owns one Q tile of one head (the dQ kernel): its tile
-# (SCHEDULE: most KV tiles first), the 64-row halves of each per-row buffer ({rows}), and the
-# K/V ring with its mbarriers.
+# The start of a kernel whose program owns one Q tile of one head (the dQ kernel): its item
+# (``item_at``), the 64-row halves of each per-row buffer ({rows}), and the K/V ring with its
+# mbarriers.
 _Q_TILE_PROGRAM = """\
     dtype: gl.constexpr = QD.dtype
     tile2d: gl.constexpr = gl.NVMMASharedLayout(
         swizzle_byte_width=SWIZZLE, element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    pid = gl.program_id(0)
-    bh = pid // {num_q_tiles}
-    rank = pid % {num_q_tiles}
-    b = bh // H
-    h = bh % H
-    hk = h // (H // H_KV)
-    tile = gl.load(SCHEDULE + rank)
-    n_full = gl.load(FULL_CNT + tile)
-    n = n_full + {n_part}
+    b, h, hk, tile, n_full, n = item_at(gl.program_id(0), H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
 
     # The Q tile's rows as two 64-row halves, one per consumer: each half is a whole NVMMA
     # tile (a [128, D] tile wider than the swizzle is stored column block by column block, so
@@ -376,8 +368,6 @@ def q_tile_program(plan: TilePlan, rows: list[str]) -> str:
     ``rows``."""
     return _Q_TILE_PROGRAM.format(
         kv_ring=_KV_RING,
-        num_q_tiles=plan.num_q_tiles,
-        n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0",
         rows="\n".join(f"    {r} = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)"
                        for r in rows))
 
@@ -406,6 +396,11 @@ def consumer_halves(params: str) -> str:
     return "\n\n\n".join(out)
 
 
+def _item_at(plan: TilePlan) -> str:
+    return _ITEM_AT.format(num_q_tiles=plan.num_q_tiles,
+                           n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0")
+
+
 def _kv_tile_at(plan: TilePlan) -> str:
     box_before, box_tile = box_tile_lines(plan, "tile")
     return _KV_TILE_AT.format(box=_gl(box_before, 8), box_tile=box_tile.replace("tl.", "gl."))
@@ -420,9 +415,9 @@ def _ring(plan: TilePlan, counter: str, indent: int) -> dict[str, str]:
 
 
 def kv_loop_source(plan: TilePlan, rows: list[tuple[str, str]]) -> str:
-    """``kv_tile_at`` and ``producer`` for a kernel whose program owns one Q tile of ``plan``
-    and loads, once, the two 64-row halves of each (descriptor, shared buffer) in ``rows``
-    (the dQ kernel)."""
+    """``item_at``, ``kv_tile_at`` and ``producer`` for a kernel whose program owns one Q tile
+    of ``plan`` and loads, once, the two 64-row halves of each (descriptor, shared buffer) in
+    ``rows`` (the dQ kernel)."""
     q = plan.q_layout
     loads = ["for half in gl.static_range(2):"]
     for desc, smem in rows:
@@ -430,7 +425,7 @@ def kv_loop_source(plan: TilePlan, rows: list[tuple[str, str]]) -> str:
                   f"{_shape('2', plan, half_box(q))}, {desc}.layout)",
                   f"    tma.async_copy_global_to_shared({desc}, {half_coords(q, 'half')}, q_bar,",
                   f"                                    {smem}_halves.index(half))"]
-    return _kv_tile_at(plan) + _KV_LOOP.format(
+    return _item_at(plan) + _kv_tile_at(plan) + _KV_LOOP.format(
         row_descs=", ".join(d for d, _ in rows),
         row_smem=", ".join(m for _, m in rows),
         row_bytes=" + ".join(f"2 * {d}.block_type.nbytes" for d, _ in rows),
@@ -444,9 +439,6 @@ def sm90_source(plan: TilePlan) -> str:
     q = plan.q_layout
     q_1d = layout_code(q, "q", "tile", "offs_m", "")
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
-    item_at = _ITEM_AT.format(
-        num_q_tiles=plan.num_q_tiles,
-        n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0")
     producer = _FWD_PRODUCER.format(q_halves=_shape("2", plan, half_box(q)),
                                     q_coords=half_coords(q, "half"), **_ring(plan, "c", 12))
     if own_output_buffer(plan):
@@ -457,7 +449,7 @@ def sm90_source(plan: TilePlan) -> str:
         o_where = "the item's last K buffer"
         o_smem = "    o_smem = k_smem  # the output is staged in each item's last K buffer"
         o_count, o_slot = "2 * STAGES", "2 * last + HALF"
-    return _HEADER + _kv_tile_at(plan) + item_at + producer + _TEMPLATE.format(
+    return _HEADER + _item_at(plan) + _kv_tile_at(plan) + producer + _TEMPLATE.format(
         halves=consumer_halves(_CONSUMER_PARAMS),
         layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_N"),
         o_where=o_where, o_smem=o_smem, o_count=o_count, o_slot=o_slot, kv_ring=_KV_RING,

@@ -114,9 +114,9 @@ def test_lowers_for_sm90() -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """On the plan ``sparse_attention`` builds for the kernel (1-D: 128-token KV tiles) and,
-    where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles); launched with
-    a program per item, and with 7 programs that each run every 7th item (the ring and Q's
-    buffer carried across items)."""
+    where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles); launched as
+    by default (``persistent_for``: 1-D, one program per SM; N-d, one per item), and with 7
+    programs that each run every 7th item (the ring and Q's buffer carried across items)."""
     pattern, q, k, v = random_inputs(CASES[case], dtype)
     ref, ref_lse = sp.reference_attention(q.double(), k.double(), v.double(), pattern,
                                           return_lse=True)
