@@ -14,6 +14,10 @@ For each row, the step ``run.py --bwd`` times (grads dropped, ``sparse_attention
   a thread of its own, out of cProfile's sight, so the backward op is also measured alone
   (``bwd_op``: called directly on the forward's output).
 
+``fb`` is the eager step (``ops.EagerAttention``); ``fb_op`` the same step through the custom
+op and its registered autograd, as a traced call runs it; ``bwd_body`` the backward op's body
+called directly.
+
 A step whose ``host_ms`` is near its ``step_ms`` is bound by the host; one whose kernel sum
 is near it is bound by its kernels. The forward alone (no grad) is measured the same way.
 """
@@ -40,7 +44,7 @@ from run import B, D, H
 from suite import suite
 
 import spcompile as sp
-from spcompile.ops import attention_backward_op, pattern_key
+from spcompile.ops import attention_backward, attention_backward_op, attention_op, pattern_key
 from spcompile.timing import median_ms
 
 STEPS = 20  # steps per host measurement and per profile
@@ -114,14 +118,21 @@ def profile_row(row) -> dict:
         return run
 
     ours = functools.partial(sp.sparse_attention, pattern=row.pattern)
+    key = pattern_key(row.pattern)
+
+    def through_op(q, k, v):  # the custom op and its registered autograd, as a traced call
+        return attention_op(q, k, v, key, D**-0.5, "triton", [], [])[0]
+
     res = {"id": row.id, "tokens": s}
     with torch.no_grad():
         res["fwd"] = measure(lambda: ours(q, k, v), profile_host=True)
         res["sdpa_fwd"] = measure(lambda: F.scaled_dot_product_attention(q, k, v))
     res["fb"] = measure(step(ours), profile_host=True)
+    res["fb_op"] = measure(step(through_op))
     out, lse = sp.sparse_attention(q, k, v, row.pattern, return_lse=True)
-    args = (do, q, k, v, out, lse, pattern_key(row.pattern), D**-0.5, "triton", [], [])
+    args = (do, q, k, v, out, lse, key, D**-0.5, "triton", [], [])
     res["bwd_op"] = measure(lambda: attention_backward_op(*args), profile_host=True)
+    res["bwd_body"] = measure(lambda: attention_backward(*args))
     res["sdpa_fb"] = measure(step(F.scaled_dot_product_attention))
     return res
 
@@ -138,7 +149,7 @@ def main() -> None:
             continue
         res = profile_row(row)
         results.append(res)
-        for name in ("fwd", "sdpa_fwd", "fb", "sdpa_fb", "bwd_op"):
+        for name in ("fwd", "sdpa_fwd", "fb", "fb_op", "sdpa_fb", "bwd_op", "bwd_body"):
             m = res[name]
             print(f"{row.id:8s} {name:9s} step {m['step_ms']:7.3f} ms  host {m['host_ms']:6.3f}"
                   f" ms  kernels {m['kernel_sum_ms']:7.3f} ms")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import attention_forward, attention_op, pattern_key, topk_select_op
+from .ops import EagerAttention, attention_forward, attention_op, pattern_key, topk_select_op
 from .plan.topk import estimate_blocks
 from .reference import check_qkv
 from .spec.patterns import Dense, Pattern, PerHead, TopK
@@ -74,16 +74,16 @@ def sparse_attention(
     if isinstance(pattern, PerHead):
         return _per_head(q, k, v, pattern, scale, return_lse, impl, q_tile, kv_tile, key_bias)
     key = pattern_key(pattern)
-    # Plain tensors outside any tracing and autograd run the op's body directly; fake, proxy
-    # or functional tensors (dynamo, AOTAutograd, export) must see the op.
-    direct = (all(type(x) is Tensor for x in (q, k, v)) and not torch.compiler.is_compiling()
-              and not (torch.is_grad_enabled()
-                       and (q.requires_grad or k.requires_grad or v.requires_grad)))
+    # Plain tensors outside any tracing run the op's bodies directly (with autograd's Function
+    # where a gradient is needed); fake, proxy or functional tensors (dynamo, AOTAutograd,
+    # export) must see the op.
+    eager = all(type(x) is Tensor for x in (q, k, v)) and not torch.compiler.is_compiling()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     blocks = None
     if isinstance(pattern, TopK):
-        blocks = estimate_blocks(pattern, q, k, scale) if direct else \
+        blocks = estimate_blocks(pattern, q.detach(), k.detach(), scale) if eager else \
             topk_select_op(q, k, key, scale)
-    run = attention_forward if direct else attention_op
+    run = attention_op if not eager else EagerAttention.apply if grad else attention_forward
     out, lse = run(q, k, v, key, scale, impl, _tile_arg(q_tile), _tile_arg(kv_tile), blocks,
                    key_bias)
     return (out, lse) if return_lse else out

@@ -153,19 +153,26 @@ def test_bad_inputs_say_what_came():
         sparse_attention(q, q, q, sp.Neighborhood(shape=(8, 8), window=3))
 
 
-def test_no_grad_calls_skip_the_op_dispatch_and_agree(monkeypatch):
-    """Without autograd or compilation the body runs directly (no custom-op dispatch); the
-    result is the op's."""
+def test_eager_calls_skip_the_op_dispatch_and_agree(monkeypatch):
+    """Eager calls run the op's bodies without its dispatch: directly without autograd, through
+    ``EagerAttention`` with it. Both give the op's output and gradients."""
     import spcompile.attention as attention
+    import spcompile.ops as ops
 
     pattern = sp.Sliding(window=5, causal=True)
-    q = torch.randn(1, 2, 40, 16)
-    via_op = sparse_attention(q.requires_grad_(), q, q, pattern, impl="torch").detach()
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    via_op, _ = ops.attention_op(q, k, v, pattern.key, 0.25, "torch", [], [])
+    op_grads = torch.autograd.grad(via_op.square().sum(), (q, k, v))
     calls = []
     monkeypatch.setattr(attention, "attention_op", lambda *a: calls.append(a))
+    monkeypatch.setattr(ops, "attention_backward_op", lambda *a: calls.append(a))
+    out = sparse_attention(q, k, v, pattern, scale=0.25, impl="torch")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     with torch.no_grad():
-        direct = sparse_attention(q, q, q, pattern, impl="torch")
-    assert not calls and torch.equal(direct, via_op)
+        direct = sparse_attention(q, k, v, pattern, scale=0.25, impl="torch")
+    assert not calls
+    assert torch.equal(out, via_op) and torch.equal(direct, via_op)
+    assert all(torch.equal(a, b) for a, b in zip(grads, op_grads, strict=True))
 
 
 def test_excluded_key_far_above_the_row_gives_no_nan():
