@@ -8,7 +8,8 @@ For each row, the step ``run.py --bwd`` times (grads dropped, ``sparse_attention
 - ``step_ms``: the step's do_bench median (what run.py reports);
 - ``host_ms``: the host time to issue one step while the GPU is busy (a long sleep kernel is
   queued first, so no launch waits on the GPU): Python, dispatch, autograd and launches;
-- ``kernels``: every GPU kernel of one step (torch.profiler, mean over steps) and their sum;
+- ``kernels``: every GPU kernel of one step (torch.profiler, mean over steps) and their sum,
+  and the GPU's idle time before each (steps back to back): a launch the host issued late;
 - ``host_top``: for our steps, the Python functions taking the most host time (cProfile, own
   time per step, the GPU kept busy as for ``host_ms``). Autograd runs the step's backward on
   a thread of its own, out of cProfile's sight, so the backward op is also measured alone
@@ -65,8 +66,10 @@ def host_ms(fn, steps: int = STEPS) -> float:
     return statistics.median(batches)
 
 
-def kernels(fn, steps: int = STEPS) -> dict[str, float]:
-    """Mean GPU microseconds per call of each kernel ``fn`` launches (torch.profiler)."""
+def kernels(fn, steps: int = STEPS) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean GPU microseconds per call of each kernel ``fn`` launches, and the mean idle GPU
+    time before each (since the previous kernel ended; calls back to back), from
+    torch.profiler."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -74,10 +77,14 @@ def kernels(fn, steps: int = STEPS) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     total: dict[str, float] = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name[:70]] += e.device_time / steps
-    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+    idle: dict[str, float] = collections.defaultdict(float)
+    ran = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    for before, e in zip([None, *ran[:-1]], ran, strict=True):
+        total[e.name[:70]] += e.device_time / steps
+        if before is not None:
+            idle[e.name[:70]] += max(0.0, e.time_range.start - before.time_range.end) / steps
+    return dict(sorted(total.items(), key=lambda kv: -kv[1])), dict(idle)
 
 
 def host_top(fn, steps: int = STEPS, top: int = 12) -> list[tuple[str, float]]:
@@ -97,9 +104,9 @@ def host_top(fn, steps: int = STEPS, top: int = 12) -> list[tuple[str, float]]:
 
 
 def measure(fn, profile_host: bool = False) -> dict:
-    ks = kernels(fn)
+    ks, idle = kernels(fn)
     res = {"step_ms": median_ms(fn), "host_ms": host_ms(fn), "kernel_sum_ms":
-           sum(ks.values()) / 1e3, "kernels_us": ks}
+           sum(ks.values()) / 1e3, "kernels_us": ks, "idle_before_us": idle}
     if profile_host:
         res["host_top"] = host_top(fn)
     return res
@@ -154,7 +161,8 @@ def main() -> None:
             print(f"{row.id:8s} {name:9s} step {m['step_ms']:7.3f} ms  host {m['host_ms']:6.3f}"
                   f" ms  kernels {m['kernel_sum_ms']:7.3f} ms")
             for kname, us in m["kernels_us"].items():
-                print(f"{'':20s}{us:9.1f} us  {kname}")
+                print(f"{'':20s}{us:9.1f} us  {kname}  (idle before: "
+                      f"{m['idle_before_us'].get(kname, 0.0):.1f} us)")
             for fname, us in m.get("host_top", []):
                 print(f"{'':20s}{us:9.1f} us  host: {fname}")
         if args.out:

@@ -8,8 +8,9 @@ programs_per_sm). ``--loops``: the FULL loop reading its list against computing 
 and the work items numbered rank-major against head-major (decides LaunchConfig.box_loops and
 head_major), then both at other warps/stages; with ``--bwd``, the backward's program order at
 its default tiles, then its other tile pairs head-major. ``--sm90``: the warp-specialized
-Hopper kernel at 64- and 128-token KV tiles and every ring depth that fits, against the Triton
-kernel at the default tiles (decides the KV tiles plan.choose should give the calls it runs).
+Hopper kernel at 64- and 128-token KV tiles (``--kv``) and every ring depth that fits, against
+the Triton kernel at the default tiles (decides the KV tiles plan.choose should give the calls
+it runs).
 
 For each row and (q tokens, kv tokens, warps, stages): correctness on sampled rows, then the
 do_bench median; prints the speedup over SDPA measured in the same run. The winners become the
@@ -37,6 +38,7 @@ from suite import suite
 import spcompile as sp
 from spcompile.codegen.bwd import attn_bwd, attn_bwd_dkdv, attn_bwd_dq, bwd_config
 from spcompile.codegen.fwd import LaunchConfig, attn_fwd, default_config, fwd_grid
+from spcompile.plan.assign import stride_items
 from spcompile.plan.choose import backward_tiles, best_boxes
 from spcompile.plan.tiles import TilePlan, build_plan, grid_of
 from spcompile.plan.topk import block_lists, estimate_blocks
@@ -63,6 +65,7 @@ def main() -> None:
                         help="list vs box FULL loops x rank- vs head-major item order")
     parser.add_argument("--sm90", action="store_true",
                         help="warp-specialized kernel: KV tiles and ring depths")
+    parser.add_argument("--kv", default="64,128", help="--sm90: the KV tile sizes to time")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
@@ -70,7 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
     if args.sm90:
-        (tune_sm90_bwd if args.bwd else tune_sm90)(rows, args.out)
+        if args.bwd:
+            tune_sm90_bwd(rows, args.out)
+        else:
+            tune_sm90(rows, args.out, tuple(int(x) for x in args.kv.split(",")))
         return
     if args.persistent or (args.loops and not args.bwd):
         tune_variants(rows, persistent_variants if args.persistent else loop_variants, args.out)
@@ -192,10 +198,11 @@ def tune_variants(rows, make_variants, out_path: str) -> None:
         Path(out_path).write_text(json.dumps(results, indent=1))
 
 
-def tune_sm90(rows, out_path: str) -> None:
+def tune_sm90(rows, out_path: str, kv_sizes: tuple[int, ...] = (64, 128)) -> None:
     """The warp-specialized kernel (``codegen.sm90``) at 128-token Q tiles with 64- and
     128-token KV tiles, at every ring depth from 3 to what fits, each launched with a program
-    per item and persistent (one program per SM, name suffix "-p"), and the Triton kernel at
+    per item and persistent (one program per SM, name suffix "-p"; "-ps": its items by the
+    fixed stride of ``plan.assign.stride_items``, not ``assign_items``), and the Triton kernel at
     the row's default tiles: timed in three alternating rounds with SDPA, each output checked
     on sampled float64 rows. Rows record ``kernel`` (as run.py's do), ``stages`` and
     ``programs``; ``spcompile calibrate --from-results`` reads the first two."""
@@ -210,30 +217,33 @@ def tune_sm90(rows, out_path: str) -> None:
         fns = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
                "triton": functools.partial(attn_fwd, q, k, v, default_plan)}
         variants = {"triton": ("triton", default_plan, default_config(default_plan).num_stages,
-                               None)}
+                               None, False)}
         sms = num_sms(q.device)
-        for mk in (64, 128):
+        for mk in kv_sizes:
             plan = build_plan(row.pattern, s, s, *_tiles(row, 128, mk))
             if not in_scope(plan, q.dtype, D, D):
                 print(row.id, f"kv{mk}: outside the kernel's scope", flush=True)
                 continue
             items = plan.num_q_tiles * B * H
-            for stages, programs in itertools.product(range(3, stages_for(plan, D, 2) + 1),
-                                                      (items, sms)):
-                name = f"sm90-kv{mk}-s{stages}" + ("-p" if programs < items else "")
+            stride = tuple(x.cuda() for x in stride_items(items, sms))
+            for stages, (suffix, programs, rule) in itertools.product(
+                    range(3, stages_for(plan, D, 2) + 1),
+                    (("", items, None), ("-p", sms, None), ("-ps", sms, stride))):
+                name = f"sm90-kv{mk}-s{stages}{suffix}"
                 fns[name] = functools.partial(attn_fwd_sm90, q, k, v, plan, D**-0.5, stages,
-                                              programs)
-                variants[name] = ("sm90", plan, stages, programs)
+                                              programs, rule)
+                variants[name] = ("sm90", plan, stages, programs, rule is not None)
         errors = {}
         for name in variants:
             out, _ = fns[name]()
             errors[name] = sampled_error(row, q, k, v, out)
         rounds = interleaved_ms(fns)
         sdpa = statistics.median(rounds["sdpa"])
-        for name, (kernel, plan, stages, programs) in variants.items():
+        for name, (kernel, plan, stages, programs, strided) in variants.items():
             ms = statistics.median(rounds[name])
             res = {"id": row.id, "variant": name, "kernel": kernel, "q": plan.q_tile,
                    "kv": plan.kv_tile, "stages": stages, "programs": programs,
+                   "assignment": "stride" if strided else "balanced",
                    "err": errors[name], "ms": ms,
                    "rounds_ms": rounds[name], "sdpa_ms": sdpa, "sdpa_rounds_ms": rounds["sdpa"],
                    "speedup": sdpa / ms, "tile_bound": plan.tile_bound,

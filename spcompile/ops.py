@@ -230,6 +230,7 @@ class EagerAttention(torch.autograd.Function):
         out, lse = attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks,
                                      key_bias)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's gradient (it is not used)
         _setup_context(ctx, (q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks,
                              key_bias), (out, lse))
         return out, lse

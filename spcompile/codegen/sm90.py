@@ -19,9 +19,9 @@ per-tile rate on an H100. This kernel is laid out as FlashAttention-3's is. One 
   The two warpgroups are not kept in step, so one's softmax also overlaps the other's MMAs.
   Each item's output is staged in shared memory and stored by TMA.
 
-A program runs one item (grid = items), or, persistent (``persistent_for``: the 1-D plans),
-one program per SM runs every num_programs-th item: its ring then runs on from one item into
-the next, and the next Q tile loads behind the last P V and output store of the previous item.
+The launch is persistent: one program per SM runs the items ``plan.assign.assign_items``
+gives it (``PERSISTENT`` says why). Its ring runs on from one item into the next, and the next
+Q tile loads behind the last P V and output store of the previous item.
 
 Measured on the H100 (benchmarks/RESULTS.md, session 7), against the Triton kernel in the same
 rounds: the suite's N-d rows +7-20%, its 1-D rows (64-token KV tiles) +1-5%. A hand-written
@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..plan.assign import assign_items
 from ..plan.layout import TokenLayout
 from ..plan.tiles import TilePlan
 from .cache import load_source
@@ -129,8 +130,9 @@ def producer({row_descs}, KD, VD, {row_smem}, k_smem, v_smem, q_bar, k_full, v_f
 
 # The work items of the kernels whose programs own Q tiles (the forward, dQ), numbered
 # head-major: a program of a one-item launch (grid = items) runs item program_id, as the
-# hardware orders programs; a persistent forward runs every num_programs-th. Consecutive items
-# are Q tiles of one head, so the items in flight at once share their K and V tiles in L2.
+# hardware orders programs; a persistent forward's program runs the items listed for it
+# (``plan.assign``). Consecutive items are Q tiles of one head, so the items in flight at once
+# share their K and V tiles in L2.
 _ITEM_AT = '''
 
 @gluon.jit
@@ -151,8 +153,8 @@ _FWD_PRODUCER = '''
 
 @gluon.jit
 def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
-             v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
-             part_stride):
+             v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT,
+             SCHEDULE, part_stride):
     """One warp: for each item of this program, the Q tile's halves (once both consumers have
     read the previous Q tile for the last time), then its K and V tiles by TMA into the ring,
     each as soon as both consumers have released the buffer it goes to. The ring runs on
@@ -161,7 +163,9 @@ def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full,
     q_halves = q_smem._reinterpret(QD.dtype, {q_halves}, QD.layout)
     c = 0  # K/V tiles loaded by this program
     j = 0  # items started by this program
-    for w in range(gl.program_id(0), items, gl.num_programs(0)):
+    mine = STARTS + gl.program_id(0)  # this program runs ITEMS[mine[0]:mine[1]]
+    for i in range(gl.load(mine), gl.load(mine + 1)):
+        w = gl.load(ITEMS + i)
         b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
         mbarrier.wait(q_empty, (j & 1) ^ 1)
         mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
@@ -178,8 +182,8 @@ _TEMPLATE = '''
 
 @gluon.jit
 def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, k_empty,
-             v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
-             part_stride, sm_scale, s_lb, s_lh, HALF: gl.constexpr):
+             v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT,
+             SCHEDULE, part_stride, sm_scale, s_lb, s_lh, HALF: gl.constexpr):
     """One warpgroup: for each item of this program, rows [64 HALF, 64 HALF + 64) of its Q
     tile, the online softmax with the next tile's scores issued before the previous tile's
     P V. Q's buffer is released after the item's last scores, so the next Q tile loads behind
@@ -202,7 +206,9 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     c = 0  # K/V tiles consumed by this program (the ring's position)
     j = 0  # items finished by this program (the phase of Q's buffer)
-    for w in range(gl.program_id(0), items, gl.num_programs(0)):
+    mine = STARTS + gl.program_id(0)  # this program runs ITEMS[mine[0]:mine[1]]
+    for i in range(gl.load(mine), gl.load(mine + 1)):
+        w = gl.load(ITEMS + i)
         b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
 {q_layout}
         q_row = q_tok
@@ -268,10 +274,10 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
 
 # Scalars that reach the partitions stay run-time values: Triton would turn one equal to 1 (a
 # single KV head, a list one tile wide) into a constant, which warp_specialize cannot pass.
-@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "part_stride", "H", "H_KV", "items"])
+@gluon.jit(do_not_specialize=["sm_scale", "s_lb", "s_lh", "part_stride", "H", "H_KV"])
 def attn_fwd_sm90(
     QD, KD, VD, OD, LSE, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
-    sm_scale, s_lb, s_lh, part_stride, H, H_KV, items,
+    STARTS, ITEMS, sm_scale, s_lb, s_lh, part_stride, H, H_KV,
     BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, SWIZZLE: gl.constexpr, STAGES: gl.constexpr,
 ):
     dtype: gl.constexpr = QD.dtype
@@ -288,7 +294,8 @@ def attn_fwd_sm90(
 {kv_ring}
 {o_smem}
     ring = (q_bar, q_empty, k_full, v_full, k_empty, v_empty)
-    work = (H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE, part_stride)
+    work = (H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, SCHEDULE,
+            part_stride)
     rest = (sm_scale, s_lb, s_lh)
     gl.warp_specialize(
         [(consumer_0, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + work + rest),
@@ -379,8 +386,8 @@ def _gl(lines: list[str], indent: int) -> str:
 
 
 _CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, "
-                    "k_empty, v_empty, H, H_KV, items, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT, "
-                    "SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
+                    "k_empty, v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, "
+                    "PART_CNT, SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
 
 
 def consumer_halves(params: str) -> str:
@@ -615,34 +622,34 @@ def _module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90"), sm90_source(plan))
 
 
-def persistent_for(plan: TilePlan) -> bool:
-    """Whether the forward launches one program per SM, each running every num_programs-th
-    item (else one program per item): for 1-D plans.
-
-    Their items are short and alike (a Q tile visits 8 KV tiles on blk16k, 16 on sw16k), so
-    the start of each program (its barriers, Q and first K/V loads, the ring's fill) and its
-    end (the last P V, the output's store) are a large share of it. On the H100, against one
-    program per item in the same rounds (``benchmarks/tune.py --sm90``): blk16k +12.7%, sw16k
-    +4.1% (benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json).
-
-    N-d plans keep one program per item. Their items are long (50 to 135 KV tiles on the
-    suite's video rows) and neighbouring Q tiles share most of their K/V tiles. Persistent, in
-    the same rounds: na2d31 -0.8%, flux_gna +4.2%. Its lead over the Triton kernel timed in the
-    same rounds shrank on every N-d row of the suite against session 7's one-item runs:
-    hunyuan_na +12.9% -> +2.6%, na2d63 +17.5% -> +12.9%, the others by 1-3 points
-    (benchmarks/data/2026-12-07-s10-h100-run-{a,b}.json). A fixed stride lets the programs
-    drift apart, so the items in flight are no longer neighbours in L2 (a suspicion, not
-    profiled); the hardware's own order keeps them so."""
-    return plan.q_layout.ndim == 1
+#: Why the forward launches one program per SM, each running a list of items.
+#:
+#: A program's start (its barriers, Q and first K/V loads, the ring's fill) and its end (the last
+#: P V, the output's store) are a large share of a short item (a Q tile visits 8 KV tiles on
+#: blk16k, 17 on sw16k). Against one program per item, in the same rounds on the H100
+#: (``benchmarks/tune.py --sm90``): blk16k +12.7%, sw16k +4.1%
+#: (benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json).
+#:
+#: Session 10's persistent launch gave program p every P-th item. On N-d plans, whose items
+#: differ in length, that left programs unbalanced, and it lost to one program per item there.
+#: With the items assigned by ``plan.assign.assign_items`` it wins on them too, in the same
+#: rounds: na2d31 +8.1%, na2d63 +4.4%, flux_gna +6.9% over one program per item, and +3.2%,
+#: +4.6% and +2.0% over the fixed stride. On 1-D plans the two rules measured alike: sw16k
+#: -0.3%, csw32k -2.8% (its rounds spread 12%); blk16k's items are all alike, so its
+#: assignment is the stride's (benchmarks/data/2026-12-07-s11-h100-tune-sm90-fwd.json).
+#: False launches one program per item.
+PERSISTENT = True
 
 
 def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
-                  stages: int | None = None, programs: int | None = None
+                  stages: int | None = None, programs: int | None = None,
+                  assignment: tuple[Tensor, Tensor] | None = None
                   ) -> tuple[Tensor, Tensor] | None:
     """Run the Gluon forward; None when the tensors cannot be described for TMA (the caller
     runs the Triton kernel). Same contract as ``fwd.attn_fwd``. ``programs``: the grid
-    (default: one per SM where ``persistent_for`` the plan, else one per item); each program
-    runs every ``programs``-th item."""
+    (default: one per SM, ``PERSISTENT``); each program runs the items
+    ``plan.assign.assign_items`` gives it, or those of ``assignment`` (its (starts, items) on
+    q's device, for measurements against other rules)."""
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
@@ -655,13 +662,20 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     t = plan.device_tensors(q.device)
     items = plan.num_q_tiles * b * h
-    if programs is None:
-        programs = num_sms(q.device) if persistent_for(plan) else items
-    _module(plan).attn_fwd_sm90[(min(programs, items),)](
+    programs = min(programs or (num_sms(q.device) if PERSISTENT else items), items)
+    starts, order = assignment or _assignment(plan, b * h, programs, str(q.device))
+    _module(plan).attn_fwd_sm90[(programs,)](
         *descs, lse, t["full_cnt"], t["full_box"], t["part_idx"], t["part_cnt"],
-        t["schedule"], scale, lse.stride(0), lse.stride(1), t["part_idx"].stride(0), h, h_kv,
-        items,
+        t["schedule"], starts, order, scale, lse.stride(0), lse.stride(1),
+        t["part_idx"].stride(0), h, h_kv,
         BLOCK_N=plan.kv_layout.tile_size, BLOCK_D=bd, SWIZZLE=swizzle_bytes(bd, q.element_size()),
         STAGES=stages or launch_stages(plan, d), num_warps=4,
     )
     return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def _assignment(plan: TilePlan, heads: int, programs: int, device: str) -> tuple[Tensor, Tensor]:
+    """``assign_items`` on ``device``, once per launch shape."""
+    starts, items = assign_items(plan, heads, programs)
+    return starts.to(device), items.to(device)

@@ -212,7 +212,7 @@ def load_results(
                     skipped.append(f"{where}: measured on a different plan (tile bound "
                                    f"{float(recorded):.2f} then, {now:.2f} now)")
                     continue
-            other = _other_gluon_launch(row, m.plan()) if m.specialized else ""
+            other = _other_gluon_launch(row) if m.specialized else ""
             if other:  # the Triton kernel timed beside it still counts
                 skipped.append(f"{where}: measured {other}, not the launch that runs by default")
             else:
@@ -257,16 +257,20 @@ def _other_kernel(row: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in flags.items() if v != DEFAULT_KERNEL[k])
 
 
-def _other_gluon_launch(row: dict[str, Any], plan: TilePlan) -> str:
-    """Whether a Gluon kernel's row ran another launch than ``sm90.persistent_for`` gives its
-    plan ("" if not). run.py's rows record it (``sm90_persistent``), tune.py's name it (a
-    "-p" variant); rows before session 10 ran one program per item."""
+def _other_gluon_launch(row: dict[str, Any]) -> str:
+    """Whether a Gluon kernel's row ran another launch than the default ("" if not): one
+    program per SM over ``plan.assign.assign_items``' lists (``sm90.PERSISTENT``). run.py's
+    rows record the launch (``sm90_persistent``), tune.py's name it ("-p", "-ps"); both
+    record the assignment since session 11. Older rows ran a program per item (before session
+    10) or a fixed stride (session 10)."""
     from ..codegen import sm90
 
-    persistent = row.get("sm90_persistent", str(row.get("variant", "")).endswith("-p"))
-    if persistent == sm90.persistent_for(plan):
-        return ""
-    return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
+    persistent = row.get("sm90_persistent", str(row.get("variant", "")).endswith(("-p", "-ps")))
+    if persistent != sm90.PERSISTENT:
+        return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
+    if persistent and row.get("assignment") != "balanced":
+        return "the Gluon kernel persistent over a fixed stride"
+    return ""
 
 
 def _split_launch(text: str, launch: tuple[int, int] | str | None

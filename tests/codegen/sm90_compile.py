@@ -34,7 +34,7 @@ HEAD_DIM = 128
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
              "DELTA": "*fp32", "AUX": "*i8", "sm_scale": "fp32"}
 _LISTS = ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "SCHEDULE", "GATHER", "FULL_BOX",
-          "T_FULL_IDX", "T_FULL_CNT", "T_PART_IDX", "T_PART_CNT")
+          "T_FULL_IDX", "T_FULL_CNT", "T_PART_IDX", "T_PART_CNT", "STARTS", "ITEMS")
 
 
 def compile_fwd(plan: TilePlan, persistent: bool, config: LaunchConfig) -> dict[str, Any]:

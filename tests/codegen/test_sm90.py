@@ -8,8 +8,6 @@ neighborhoods on odd grids (strided, causal), GQA, head dims 32 to 128, fp16 and
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from sm90_cases import CASES, HOPPER, gluon_builds, random_inputs, strided_inputs
@@ -22,7 +20,6 @@ from spcompile.codegen.sm90 import (
     half_box,
     half_coords,
     own_output_buffer,
-    persistent_for,
     sm90_eligible,
     sm90_source,
     stages_for,
@@ -85,13 +82,10 @@ def test_forward_plan_is_the_kernel_s() -> None:
     assert launch.forward_plan(builder(sliding), q, q).kv_tile == (64,)
 
 
-def test_launch_and_output_buffer_follow_the_plan() -> None:
-    """1-D plans launch persistent, N-d plans a program per item (``persistent_for``); a plan
-    whose K buffer cannot hold a Q tile's output stages it in a buffer of its own, and its
-    ring depth counts that buffer."""
+def test_output_buffer_follows_the_plan() -> None:
+    """A plan whose K buffer cannot hold a Q tile's output stages it in a buffer of its own,
+    and its ring depth counts that buffer."""
     one_d = build_plan(sp.Sliding(left=100, right=100), 4096, 4096, specialized=True)
-    n_d = build_plan(sp.Neighborhood(shape=(64, 64), window=15), 4096, 4096)
-    assert persistent_for(one_d) and not persistent_for(n_d)
     small_kv = build_plan(sp.Sliding(left=100, right=100), 4096, 4096, (128,), (64,))
     assert own_output_buffer(small_kv) and not own_output_buffer(one_d)
     assert "o_smem = gl.allocate_shared_memory" in sm90_source(small_kv)
@@ -115,8 +109,9 @@ def test_lowers_for_sm90() -> None:
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """On the plan ``sparse_attention`` builds for the kernel (1-D: 128-token KV tiles) and,
     where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles); launched as
-    by default (``persistent_for``: 1-D, one program per SM; N-d, one per item), and with 7
-    programs that each run every 7th item (the ring and Q's buffer carried across items)."""
+    by default (one program per SM), with 7 programs and with one per item, each running the
+    items ``plan.assign.assign_items`` gives it (7: the ring and Q's buffer carried across
+    many items)."""
     pattern, q, k, v = random_inputs(CASES[case], dtype)
     ref, ref_lse = sp.reference_attention(q.double(), k.double(), v.double(), pattern,
                                           return_lse=True)
@@ -124,16 +119,18 @@ def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     plans = {(p.q_tile, p.kv_tile): p for p in
              (build_plan(pattern, q.shape[2], k.shape[2], head_dim=q.shape[3], specialized=s)
               for s in (True, False))}
-    for plan, programs in itertools.product(plans.values(), (None, 7)):
+    for plan in plans.values():
         assert launch.forward_kernel(plan, q, v) == "sm90", "the case must run the Gluon kernel"
-        result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5, programs=programs)
-        assert result is not None
-        out, lse = result
-        err = float((out.double() - ref).norm() / ref.norm())
-        assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), \
-            f"{plan.kv_tile}, {programs} programs: {err:.2e}"
-        assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all()
-        torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-3, rtol=1e-3)
+        for programs in (None, 7, plan.num_q_tiles * q.shape[0] * q.shape[1]):
+            result = attn_fwd_sm90(q, k, v, plan, q.shape[-1] ** -0.5, programs=programs)
+            assert result is not None
+            out, lse = result
+            err = float((out.double() - ref).norm() / ref.norm())
+            assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), \
+                f"{plan.kv_tile}, {programs} programs: {err:.2e}"
+            assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all()
+            torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-3,
+                                       rtol=1e-3)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")

@@ -453,7 +453,7 @@ def test_load_results_reads_both_kernels(tmp_path):
     """A run.py row of the warp-specialized kernel gives two measurements (it, and the Triton
     kernel timed beside it); a tune.py --sm90 row keeps its recorded ring depth."""
     base = {"pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q": [128], "kv": [64],
-            "sdpa_ms": 2.0, "sm90_persistent": True}  # a 1-D plan's launch since session 10
+            "sdpa_ms": 2.0, "sm90_persistent": True, "assignment": "balanced"}  # the default
     rows = [dict(base, id="run", kernel="sm90", ours_ms=0.2, triton_ms=0.25),
             dict(base, id="tune", kernel="sm90", stages=3, ms=0.21)]
     path = tmp_path / "r.json"
@@ -478,28 +478,33 @@ def test_load_results_reads_both_kernels(tmp_path):
 
 
 def test_load_results_keeps_the_default_gluon_launch(tmp_path):
-    """Gluon rows are kept where they ran the launch ``sm90.persistent_for`` gives their plan
-    (1-D: persistent; N-d: a program per item): run.py's rows record it, tune.py's name it
-    ("-p"), older rows ran a program per item. The Triton kernel timed beside a skipped row
-    still counts."""
+    """Gluon rows are kept where they ran the default launch: one program per SM over
+    ``plan.assign.assign_items``' lists (``sm90.PERSISTENT``). run.py's rows record it,
+    tune.py's name it ("-p"); both record the assignment. Older rows ran a program per item or
+    a fixed stride. The Triton kernel timed beside a skipped row still counts."""
     one_d = {"pattern": {"blocked": {"block": 1024}}, "tokens": 4096, "q": [128], "kv": [128]}
     n_d = {"pattern": {"neighborhood": {"shape": [64, 64], "window": 15}}, "tokens": 4096,
            "q": [8, 16], "kv": [8, 16]}
     common = {"sdpa_ms": 2.0, "kernel": "sm90", "ms": 0.2}
-    rows = [dict(one_d, **common, id="1d-old"), dict(n_d, **common, id="nd-old"),
-            dict(one_d, **common, id="1d-run-p", sm90_persistent=True, triton_ms=0.3),
-            dict(n_d, **common, id="nd-run-p", sm90_persistent=True, triton_ms=0.3),
-            dict(one_d, **common, id="1d-tune-p", variant="sm90-kv128-s3-p", stages=3),
-            dict(n_d, **common, id="nd-tune-1", variant="sm90-kv128-s3", stages=3)]
+    rows = [dict(one_d, **common, id="1d-old"),
+            dict(n_d, **common, id="nd-stride", sm90_persistent=True, triton_ms=0.3),
+            dict(one_d, **common, id="1d-run", sm90_persistent=True, assignment="balanced"),
+            dict(n_d, **common, id="nd-tune-p", variant="sm90-kv128-s3-p", stages=3,
+                 assignment="balanced"),
+            dict(n_d, **common, id="nd-tune-ps", variant="sm90-kv128-s3-ps", stages=3,
+                 assignment="stride"),
+            dict(n_d, **common, id="nd-tune-1", variant="sm90-kv128-s3", stages=3,
+                 assignment="balanced")]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(rows))
     got, skipped = load_results([path])
     assert [(m.id, m.specialized) for m in got] == [
-        ("nd-old", True), ("1d-run-p", True), ("1d-run-p", False), ("nd-run-p", False),
-        ("1d-tune-p", True), ("nd-tune-1", True)]
-    assert len(skipped) == 2
+        ("nd-stride", False), ("1d-run", True), ("nd-tune-p", True)]
+    assert len(skipped) == 4
     assert "1d-old: measured the Gluon kernel one program per item" in skipped[0]
-    assert "nd-run-p: measured the Gluon kernel persistent" in skipped[1]
+    assert "nd-stride: measured the Gluon kernel persistent over a fixed stride" in skipped[1]
+    assert "nd-tune-ps: measured the Gluon kernel persistent over a fixed stride" in skipped[2]
+    assert "nd-tune-1: measured the Gluon kernel one program per item" in skipped[3]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Which work items each program of a persistent launch runs.
+
+A work item is one Q tile of one (batch, head), numbered head-major with each head's Q tiles in
+the plan's schedule order (longest first). A launch of one program per item leaves the order
+to the hardware, which starts each item on the first SM that frees up. A persistent launch
+(one program per SM, ``codegen.sm90``) must decide it ahead: here, by running that same greedy
+rule on the host, with each item costed by its KV tiles.
+
+A fixed stride (program p runs items p, p + P, p + 2P, ...) was the first rule. Where items
+differ in length it leaves programs unbalanced: its makespan, in this cost model, is 6.3%
+above the mean on the suite's sw16k row (24 heads of 128 Q tiles, 132 programs; the Q tiles
+near the sequence's ends are short), 12% on na2d31 and 4% on csw32k, against 1.3%, 1% and 0.8%
+for the greedy rule. Each program runs its items in increasing order, so the items in flight
+at once are neighbours, mostly of one head, as in the hardware's order: they share K/V in L2.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+
+import torch
+from torch import Tensor
+
+from .tiles import TilePlan
+
+#: What an item costs beyond its KV tiles, in tiles: the start of a Q tile (its Q load, the
+#: first scores) and its end (the last P V, the output's store). The simulator's fitted
+#: per-Q-tile overhead is ~1.2 full 128x128 tiles' time on the H100 (``sim.profiles.h100``).
+ITEM_OVERHEAD_TILES = 1.0
+
+
+def item_costs(plan: TilePlan, heads: int) -> list[float]:
+    """Each item's cost in tiles (visited KV tiles + ``ITEM_OVERHEAD_TILES``), in item order:
+    ``heads`` (batch x heads) runs of the plan's Q tiles in schedule order."""
+    visits = (plan.full_cnt + plan.part_cnt)[plan.schedule.long()]
+    return [float(v) + ITEM_OVERHEAD_TILES for v in visits.tolist()] * heads
+
+
+@functools.lru_cache(maxsize=64)
+def assign_items(plan: TilePlan, heads: int, programs: int) -> tuple[Tensor, Tensor]:
+    """(starts int32 [programs + 1], items int32 [heads x Q tiles]): program p runs
+    ``items[starts[p]:starts[p + 1]]``, in increasing order.
+
+    Items are taken in order, each by the program whose items so far cost least (the lowest
+    index among equals), so with at least as many items as programs program p starts with
+    item p, as the hardware would start it. Every item is run by exactly one program.
+    """
+    if programs < 1:
+        raise ValueError(f"assign_items: expected at least one program, got {programs}")
+    costs = item_costs(plan, heads)
+    owner = [0] * len(costs)
+    free = [(0.0, p) for p in range(programs)]  # (cost so far, program): a heap
+    for w, cost in enumerate(costs):
+        load, p = free[0]
+        owner[w] = p
+        heapq.heapreplace(free, (load + cost, p))
+    by_program = torch.tensor(owner, dtype=torch.int64)
+    items = torch.sort(by_program, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(by_program, minlength=programs)
+    starts = torch.zeros(programs + 1, dtype=torch.int32)
+    starts[1:] = torch.cumsum(counts, 0)
+    return starts, items
+
+
+
+def stride_items(items: int, programs: int) -> tuple[Tensor, Tensor]:
+    """The fixed-stride rule in ``assign_items``' form (program p runs p, p + P, ...): kept to
+    measure the two against each other (``benchmarks/tune.py --sm90``)."""
+    order = torch.arange(items, dtype=torch.int64)
+    by_program = order % programs
+    starts = torch.zeros(programs + 1, dtype=torch.int32)
+    starts[1:] = torch.cumsum(torch.bincount(by_program, minlength=programs), 0)
+    return starts, torch.sort(by_program, stable=True).indices.to(torch.int32)
