@@ -19,9 +19,10 @@ per-tile rate on an H100. This kernel is laid out as FlashAttention-3's is. One 
   The two warpgroups are not kept in step, so one's softmax also overlaps the other's MMAs.
   Each item's output is staged in shared memory and stored by TMA.
 
-The launch is persistent: one program per SM runs the items ``plan.assign.assign_items``
-gives it (``PERSISTENT`` says why). Its ring runs on from one item into the next, and the next
-Q tile loads behind the last P V and output store of the previous item.
+A program runs one item (grid = items), or, persistent (``persistent_for``: where one head's
+K and V fit in L2), one program per SM runs the items ``plan.assign.assign_items`` gives it.
+Its ring then runs on from one item into the next, and the next Q tile loads behind the last
+P V and output store of the previous item.
 
 Measured on the H100 (benchmarks/RESULTS.md, session 7), against the Triton kernel in the same
 rounds: the suite's N-d rows +7-20%, its 1-D rows (64-token KV tiles) +1-5%. A hand-written
@@ -622,23 +623,38 @@ def _module(plan: TilePlan) -> Any:
     return load_source(variant_name(plan, "sm90"), sm90_source(plan))
 
 
-#: Why the forward launches one program per SM, each running a list of items.
-#:
-#: A program's start (its barriers, Q and first K/V loads, the ring's fill) and its end (the last
-#: P V, the output's store) are a large share of a short item (a Q tile visits 8 KV tiles on
-#: blk16k, 17 on sw16k). Against one program per item, in the same rounds on the H100
-#: (``benchmarks/tune.py --sm90``): blk16k +12.7%, sw16k +4.1%
-#: (benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json).
-#:
-#: Session 10's persistent launch gave program p every P-th item. On N-d plans, whose items
-#: differ in length, that left programs unbalanced, and it lost to one program per item there.
-#: With the items assigned by ``plan.assign.assign_items`` it wins on them too, in the same
-#: rounds: na2d31 +8.1%, na2d63 +4.4%, flux_gna +6.9% over one program per item, and +3.2%,
-#: +4.6% and +2.0% over the fixed stride. On 1-D plans the two rules measured alike: sw16k
-#: -0.3%, csw32k -2.8% (its rounds spread 12%); blk16k's items are all alike, so its
-#: assignment is the stride's (benchmarks/data/2026-12-07-s11-h100-tune-sm90-fwd.json).
-#: False launches one program per item.
-PERSISTENT = True
+def persistent_for(kv_len: int, head_dim: int, element_bytes: int, l2_bytes: int) -> bool:
+    """Whether the forward launches one program per SM, each running the items
+    ``plan.assign.assign_items`` gives it (else one program per item): where one head's K and
+    V fit in the L2 cache (``l2_bytes``).
+
+    A program's start (its barriers, Q and first K/V loads, the ring's fill) and its end (the
+    last P V, the output's store) are a large share of a short item (a Q tile visits 8 KV
+    tiles on blk16k, 17 on sw16k). Against one program per item, in the same rounds on the
+    H100 (``benchmarks/tune.py --sm90``): blk16k +12.7%, sw16k +4.1%
+    (benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json); na2d31 +8.0%, na2d63 +4.5%,
+    flux_gna +6.9% (benchmarks/data/2026-12-07-s11-h100-tune-sm90-fwd.json).
+
+    Session 10's persistent launch gave program p every P-th item, which left programs
+    unbalanced where items differ in length. Over ``assign_items``' lists, in the same
+    rounds: na2d31 +3.1%, na2d63 +4.6%, flux_gna +2.0% against that stride; on 1-D plans the
+    two measured alike (sw16k -0.3%; csw32k -2.7%, its rounds spread 12%; blk16k's items are
+    all alike, so its lists are the stride's).
+
+    Where one head's K and V outgrow L2 (hunyuan_na and hunyuan_gna: 59 MB against the H100's
+    50 MiB), the lists lost to one program per item. Against the Triton kernel timed in the
+    same rounds (benchmarks/data/2026-12-07-s11-h100-run-a.json): hunyuan_na 1.031x persistent,
+    against 1.129x one program per item in session 7; hunyuan_gna 1.152x against 1.181x. A
+    program's list is fixed ahead, so over ~175 items each the programs drift apart, the items
+    in flight spread over more of the head's K/V than L2 holds; the hardware's dispatch keeps
+    them neighbours (a reading of these numbers, not profiled)."""
+    return 2 * kv_len * padded_dim(head_dim) * element_bytes <= l2_bytes
+
+
+@functools.lru_cache(maxsize=8)
+def l2_bytes(index: int | None) -> int:
+    """The L2 cache of CUDA device ``index``, in bytes."""
+    return torch.cuda.get_device_properties(index).L2_cache_size
 
 
 def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
@@ -647,9 +663,9 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
                   ) -> tuple[Tensor, Tensor] | None:
     """Run the Gluon forward; None when the tensors cannot be described for TMA (the caller
     runs the Triton kernel). Same contract as ``fwd.attn_fwd``. ``programs``: the grid
-    (default: one per SM, ``PERSISTENT``); each program runs the items
-    ``plan.assign.assign_items`` gives it, or those of ``assignment`` (its (starts, items) on
-    q's device, for measurements against other rules)."""
+    (default: one per SM where ``persistent_for`` says so, else one per item); each program
+    runs the items ``plan.assign.assign_items`` gives it, or those of ``assignment`` (its
+    (starts, items) on q's device, for measurements against other rules)."""
     b, h, sq, d = q.shape
     h_kv = k.shape[1]
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
@@ -662,7 +678,10 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     t = plan.device_tensors(q.device)
     items = plan.num_q_tiles * b * h
-    programs = min(programs or (num_sms(q.device) if PERSISTENT else items), items)
+    if programs is None:
+        persistent = persistent_for(k.shape[2], d, q.element_size(), l2_bytes(q.device.index))
+        programs = num_sms(q.device) if persistent else items
+    programs = min(programs, items)
     starts, order = assignment or _assignment(plan, b * h, programs, str(q.device))
     _module(plan).attn_fwd_sm90[(programs,)](
         *descs, lse, t["full_cnt"], t["full_box"], t["part_idx"], t["part_cnt"],

@@ -7,11 +7,14 @@ to the hardware, which starts each item on the first SM that frees up. A persist
 rule on the host, with each item costed by its KV tiles.
 
 A fixed stride (program p runs items p, p + P, p + 2P, ...) was the first rule. Where items
-differ in length it leaves programs unbalanced: its makespan, in this cost model, is 6.3%
-above the mean on the suite's sw16k row (24 heads of 128 Q tiles, 132 programs; the Q tiles
-near the sequence's ends are short), 12% on na2d31 and 4% on csw32k, against 1.3%, 1% and 0.8%
-for the greedy rule. Each program runs its items in increasing order, so the items in flight
-at once are neighbours, mostly of one head, as in the hardware's order: they share K/V in L2.
+differ in length it leaves programs unbalanced: its costliest program, in this cost model, is
+6.5% above the mean on the suite's sw16k row (24 heads of 128 Q tiles, 132 programs; the Q
+tiles near the sequence's ends are short), 11.8% on na2d31 and 4.0% on csw32k, against 1.3%,
+0.8% and 0.8% for the greedy rule. (Measured on the H100, the two rules ran alike on 1-D plans;
+on N-d plans the greedy rule ran 2-5% faster: ``codegen.sm90.persistent_for``.) Each program
+runs its items in increasing order, so the items in flight at once start as neighbours, mostly
+of one head, as in the hardware's order: they share K/V in L2. Over long lists the programs
+drift apart (``persistent_for`` says where that costs).
 """
 
 from __future__ import annotations

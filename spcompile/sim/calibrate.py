@@ -37,7 +37,7 @@ from typing import Any
 from ..codegen.fwd import LaunchConfig
 from ..plan.tiles import TilePlan, build_plan
 from ..spec.patterns import Pattern, TopK, pattern_from_dict
-from .hardware import KernelCoefficients, LaunchKey, Profile, dtype_name
+from .hardware import DTYPES, KernelCoefficients, LaunchKey, Profile, dtype_name, load_profile
 from .model import Problem, Workload, launch_cost, workload_from_plan
 
 __all__ = [
@@ -164,7 +164,7 @@ def _tile(value: Any) -> tuple[int, ...]:
 
 def load_results(
     paths: Iterable[str | Path], suite: str | Path | None = None,
-    launch: tuple[int, int] | str | None = None,
+    launch: tuple[int, int] | str | None = None, device: str | Profile = "h100",
 ) -> tuple[list[Measurement], list[str]]:
     """Measurements from result files, and why each skipped row was skipped.
 
@@ -177,9 +177,11 @@ def load_results(
     they are skipped. ``FILE@8x2`` / ``FILE@default`` sets ``launch`` for one file. A row whose
     recorded tile bound differs from
     today's plan was measured on a different plan and is skipped: fitting it would fit a kernel
-    that no longer runs.
+    that no longer runs. Rows of the Gluon kernel count only where they ran the launch it
+    takes by default on ``device`` (whose L2 decides it: ``_other_gluon_launch``).
     """
     known = load_suite(suite) if suite is not None else {}
+    l2_bytes = int(load_profile(device).l2_mb * 2**20)
     out: list[Measurement] = []
     skipped: list[str] = []
     for raw in paths:
@@ -212,7 +214,7 @@ def load_results(
                     skipped.append(f"{where}: measured on a different plan (tile bound "
                                    f"{float(recorded):.2f} then, {now:.2f} now)")
                     continue
-            other = _other_gluon_launch(row) if m.specialized else ""
+            other = _other_gluon_launch(row, m, l2_bytes) if m.specialized else ""
             if other:  # the Triton kernel timed beside it still counts
                 skipped.append(f"{where}: measured {other}, not the launch that runs by default")
             else:
@@ -257,16 +259,19 @@ def _other_kernel(row: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in flags.items() if v != DEFAULT_KERNEL[k])
 
 
-def _other_gluon_launch(row: dict[str, Any]) -> str:
-    """Whether a Gluon kernel's row ran another launch than the default ("" if not): one
-    program per SM over ``plan.assign.assign_items``' lists (``sm90.PERSISTENT``). run.py's
-    rows record the launch (``sm90_persistent``), tune.py's name it ("-p", "-ps"); both
-    record the assignment since session 11. Older rows ran a program per item (before session
-    10) or a fixed stride (session 10)."""
+def _other_gluon_launch(row: dict[str, Any], m: Measurement, l2_bytes: int) -> str:
+    """Whether a Gluon kernel's row ran another launch than its default on a GPU with
+    ``l2_bytes`` of L2 ("" if not): ``sm90.persistent_for`` decides between one program per
+    item and one per SM over ``plan.assign.assign_items``' lists. run.py's rows record the
+    launch (``sm90_persistent``), tune.py's name it ("-p", "-ps"); both record the assignment
+    since session 11. Older rows ran a program per item (before session 10) or, persistent, a
+    fixed stride (session 10)."""
     from ..codegen import sm90
 
+    p = m.problem
+    default = sm90.persistent_for(p.kv_len, p.head_dim, DTYPES[p.dtype], l2_bytes)
     persistent = row.get("sm90_persistent", str(row.get("variant", "")).endswith(("-p", "-ps")))
-    if persistent != sm90.PERSISTENT:
+    if persistent != default:
         return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
     if persistent and row.get("assignment") != "balanced":
         return "the Gluon kernel persistent over a fixed stride"

@@ -193,7 +193,7 @@ def calibrate(args: argparse.Namespace, out: Output) -> int:
         base, files = _measure(args, out)
         if base is None:
             return 2
-    measurements, skipped = load_results(files, suite=suite, launch=args.launch)
+    measurements, skipped = load_results(files, suite=suite, launch=args.launch, device=base)
     for reason in skipped:
         out.line(f"skipped {reason}", style="yellow")
     if not measurements:

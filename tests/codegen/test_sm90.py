@@ -20,6 +20,7 @@ from spcompile.codegen.sm90 import (
     half_box,
     half_coords,
     own_output_buffer,
+    persistent_for,
     sm90_eligible,
     sm90_source,
     stages_for,
@@ -82,6 +83,16 @@ def test_forward_plan_is_the_kernel_s() -> None:
     assert launch.forward_plan(builder(sliding), q, q).kv_tile == (64,)
 
 
+def test_persistent_where_one_heads_kv_fits_in_l2() -> None:
+    """The suite's video rows at 115200 tokens (59 MB of K and V per head) launch a program
+    per item on the H100 (50 MiB of L2); every other row, persistent."""
+    l2 = 50 * 2**20
+    assert persistent_for(16384, 128, 2, l2) and persistent_for(65536, 128, 2, l2)
+    assert not persistent_for(115200, 128, 2, l2)
+    assert persistent_for(115200, 64, 2, l2) and not persistent_for(65536, 128, 4, l2)
+    assert not persistent_for(115200, 120, 2, l2)  # head dims pad to the kernel's 128
+
+
 def test_output_buffer_follows_the_plan() -> None:
     """A plan whose K buffer cannot hold a Q tile's output stages it in a buffer of its own,
     and its ring depth counts that buffer."""
@@ -109,9 +120,9 @@ def test_lowers_for_sm90() -> None:
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """On the plan ``sparse_attention`` builds for the kernel (1-D: 128-token KV tiles) and,
     where it differs, the Triton kernel's default plan (1-D: 64-token KV tiles); launched as
-    by default (one program per SM), with 7 programs and with one per item, each running the
-    items ``plan.assign.assign_items`` gives it (7: the ring and Q's buffer carried across
-    many items)."""
+    by default (at these sizes one program per SM: ``persistent_for``), with 7 programs and
+    with one per item, each running the items ``plan.assign.assign_items`` gives it (7: the
+    ring and Q's buffer carried across many items)."""
     pattern, q, k, v = random_inputs(CASES[case], dtype)
     ref, ref_lse = sp.reference_attention(q.double(), k.double(), v.double(), pattern,
                                           return_lse=True)
