@@ -226,14 +226,15 @@ class EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks, key_bias):
-        out, lse = attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks,
-                                     key_bias)
-        ctx.mark_non_differentiable(lse)
+    def forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks, key_bias):
+        return attention_forward(q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks,
+                                 key_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate: torch.func transforms need it
+        ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zeros for lse's gradient (it is not used)
-        _setup_context(ctx, (q, k, v, pattern, scale, impl, q_tile, kv_tile, blocks,
-                             key_bias), (out, lse))
-        return out, lse
+        _setup_context(ctx, inputs, output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

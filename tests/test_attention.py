@@ -175,6 +175,21 @@ def test_eager_calls_skip_the_op_dispatch_and_agree(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads, op_grads, strict=True))
 
 
+def test_torch_func_grad_runs_the_eager_function():
+    """``torch.func.grad`` differentiates an eager call (``EagerAttention`` has its own
+    ``setup_context``) and agrees with autograd."""
+    pattern = sp.Sliding(window=5, causal=True)
+    q = torch.randn(1, 2, 40, 16, dtype=torch.float64)
+
+    def loss(q):
+        return sparse_attention(q, q, q, pattern, impl="torch").square().sum()
+
+    got = torch.func.grad(loss)(q)
+    q_ = q.clone().requires_grad_()
+    loss(q_).backward()
+    torch.testing.assert_close(got, q_.grad)
+
+
 def test_excluded_key_far_above_the_row_gives_no_nan():
     """A key outside the window scoring ~1000 above the row's LSE: exp overflows there, and the
     backward must still give finite gradients (0 * inf would be NaN)."""
