@@ -218,8 +218,9 @@ def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileAr
                        f"its cost is {cost_text}")
     else:
         permutation = "none: tiles are runs of the flat sequence"
+    notes = [_gluon_launch(problem, profile)] if work.key.specialized else []
     return _base(
-        pattern, problem, profile, cost, dense_sdpa_ms(problem, profile),
+        pattern, problem, profile, cost, dense_sdpa_ms(problem, profile), notes=notes,
         q_tile=plan.q_tile, kv_tile=plan.kv_tile, launch=str(work.key),
         flop_bound=problem.q_len * problem.kv_len / pairs if pairs else math.inf,
         tile_bound=plan.tile_bound, block_sparse=plan.num_partial == 0,
@@ -227,6 +228,21 @@ def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileAr
         num_kv_tiles=plan.num_kv_tiles, num_full=plan.num_full, num_partial=plan.num_partial,
         permutation_bytes=0, permutation=permutation, plan=plan,
     )
+
+
+def _gluon_launch(problem: Problem, profile: Profile) -> str:
+    """How the warp-specialized forward launches (``codegen.sm90.persistent_for``), said."""
+    from ..codegen import sm90
+
+    l2 = int(profile.l2_mb * 2**20)
+    if sm90.persistent_for(problem.kv_len, problem.head_dim, problem.elem_bytes, l2):
+        return (f"launch: persistent, {profile.num_sms} programs, each running a list of items "
+                "(Q tiles of one head) balanced by their KV tiles (plan.assign): the schedule "
+                "above, ahead of time")
+    kv = 2 * problem.kv_len * sm90.padded_dim(problem.head_dim) * problem.elem_bytes
+    return (f"launch: one program per item: one head's K and V ({kv / 2**20:.0f} MiB) outgrow "
+            f"the {profile.l2_mb:.0f} MiB L2, where persistent programs over fixed lists ran "
+            "slower on the H100 (codegen.sm90.persistent_for)")
 
 
 def _dense_site(pattern: Pattern, problem: Problem, profile: Profile) -> SimReport:

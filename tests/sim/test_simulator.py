@@ -118,6 +118,20 @@ def test_axis_verdicts_name_the_failing_condition():
     assert simulate(sp.Blocked(block=1024), 8192).block_sparse
 
 
+def test_report_says_how_the_gluon_forward_launches():
+    """Persistent where one head's K and V fit in L2, else one program per item, and why
+    (``codegen.sm90.persistent_for``); the Triton kernel's launch gets no such note."""
+    def launch_notes(report):
+        return [n for n in report.notes if n.startswith("launch:")]
+
+    video = sp.Neighborhood(shape=(30, 48, 80), window=(18, 24, 24))
+    one = launch_notes(simulate(video))
+    assert len(one) == 1 and "one program per item" in one[0] and "(56 MiB)" in one[0]
+    persistent = launch_notes(simulate(sp.Sliding(left=1024, right=1024), 16384))
+    assert len(persistent) == 1 and "persistent, 132 programs" in persistent[0]
+    assert not launch_notes(simulate(sp.Sliding(left=1024, right=1024), 16384, dtype="fp32"))
+
+
 def test_report_carries_the_plan_it_costed():
     pattern = sp.Sliding(window=4096, causal=True)
     r = simulate(pattern, 32768)
