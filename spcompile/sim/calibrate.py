@@ -59,7 +59,8 @@ SUITE_PROBLEM = {"batch": 1, "heads": 24, "head_dim": 128, "dtype": "bf16"}
 #: overhead in microseconds, permuted-load cost in ns per token, gathered-tile extra in full
 #: tiles.
 BOUNDS = {"partial_extra": (0.0, 2.0), "q_tile_overhead_us": (0.0, 30.0),
-          "permute_ns_per_token": (0.0, 10.0), "gather_extra": (0.0, 4.0)}
+          "item_overhead_us": (0.0, 30.0), "permute_ns_per_token": (0.0, 10.0),
+          "gather_extra": (0.0, 4.0)}
 #: A launch's tile efficiency is a fraction of the datasheet's peak: never above it.
 EFFICIENCY_RANGE = (0.01, 1.0)
 #: Rows measured faster than this many host times of one call are not fitted: do_bench then
@@ -71,7 +72,8 @@ HOST_BOUND = 1.25
 @dataclass(frozen=True)
 class Measurement:
     """One timed launch of our forward kernel (and SDPA at the same size when known);
-    ``specialized``: of the warp-specialized Hopper kernel (``codegen.sm90``)."""
+    ``specialized``: of the warp-specialized Hopper kernel (``codegen.sm90``), ``persistent``
+    launched one program per SM over ``plan.assign``'s lists."""
 
     id: str
     pattern: Pattern
@@ -84,6 +86,7 @@ class Measurement:
     sdpa_ms: float | None = None
     source: str = ""
     specialized: bool = False
+    persistent: bool = False
 
     @property
     def key(self) -> LaunchKey:
@@ -100,7 +103,7 @@ class Measurement:
 
     def workload(self) -> Workload:
         return workload_from_plan(self.plan(), self.problem, self.warps, self.stages,
-                                  self.specialized)
+                                  self.specialized, self.persistent)
 
     @property
     def measured_speedup(self) -> float | None:
@@ -218,7 +221,8 @@ def load_results(
             if other:  # the Triton kernel timed beside it still counts
                 skipped.append(f"{where}: measured {other}, not the launch that runs by default")
             else:
-                out.append(m)
+                persistent = m.specialized and _ran_persistent(row)
+                out.append(dataclasses.replace(m, persistent=persistent))
             if m.specialized and row.get("triton_ms") is not None:
                 # benchmarks/run.py times the Triton kernel on the same inputs, same rounds, on
                 # its own default plan (1-D: 64-token KV tiles where the Gluon kernel's hold
@@ -270,12 +274,19 @@ def _other_gluon_launch(row: dict[str, Any], m: Measurement, l2_bytes: int) -> s
 
     p = m.problem
     default = sm90.persistent_for(p.kv_len, p.head_dim, DTYPES[p.dtype], l2_bytes)
-    persistent = row.get("sm90_persistent", str(row.get("variant", "")).endswith(("-p", "-ps")))
+    persistent = _ran_persistent(row)
     if persistent != default:
         return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
     if persistent and row.get("assignment") != "balanced":
         return "the Gluon kernel persistent over a fixed stride"
     return ""
+
+
+def _ran_persistent(row: dict[str, Any]) -> bool:
+    """Whether a Gluon kernel's row ran persistent: run.py records it, tune.py's variant
+    names it ("-p", "-ps")."""
+    return bool(row.get("sm90_persistent",
+                        str(row.get("variant", "")).endswith(("-p", "-ps"))))
 
 
 def _split_launch(text: str, launch: tuple[int, int] | str | None
@@ -351,9 +362,10 @@ def _measurement(row: dict[str, Any], known: dict[str, tuple[Pattern, int]],
 
 
 #: The global coefficients, in profile units, and how each converts to seconds in ``_Row``.
-GLOBALS = ("partial_extra", "q_tile_overhead_us", "permute_ns_per_token", "gather_extra")
-_SECONDS = {"partial_extra": 1.0, "q_tile_overhead_us": 1e-6, "permute_ns_per_token": 1e-9,
-            "gather_extra": 1.0}
+GLOBALS = ("partial_extra", "q_tile_overhead_us", "item_overhead_us", "permute_ns_per_token",
+           "gather_extra")
+_SECONDS = {"partial_extra": 1.0, "q_tile_overhead_us": 1e-6, "item_overhead_us": 1e-6,
+            "permute_ns_per_token": 1e-9, "gather_extra": 1.0}
 
 
 @dataclass
@@ -376,7 +388,8 @@ class _Row:
     def predict_s(self, eff: float, g: dict[str, float]) -> float:
         """Kernel seconds, the same arithmetic as ``model.tile_times`` / ``launch_cost``."""
         w = self.work
-        pi, cq = g["partial_extra"], g["q_tile_overhead_us"] * 1e-6
+        pi = g["partial_extra"]
+        cq = g["item_overhead_us" if w.persistent else "q_tile_overhead_us"] * 1e-6
         lam, gamma = g["permute_ns_per_token"] * 1e-9, g["gather_extra"]
         mma = self.mma / eff
         kv_perm = lam * w.key.kv_tokens if w.kv_permuted else 0.0
@@ -411,6 +424,8 @@ def _active(rows: Sequence[_Row]) -> list[str]:
     boxes through descriptors; the base profile's value (0 for the H100) stands.
     """
     out = ["q_tile_overhead_us"]
+    if any(r.work.persistent for r in rows):
+        out.append("item_overhead_us")
     if any(r.plain or r.gathered for r in rows):
         out.append("partial_extra")
     if any(r.gathered for r in rows):
@@ -505,7 +520,8 @@ def fit(
 
     current = {name: getattr(base.kernel, name) for name in GLOBALS}
     seeds = {"partial_extra": (0.0, 0.25, 0.5), "q_tile_overhead_us": (0.0, 2.0, 6.0),
-             "permute_ns_per_token": (0.0, 1.0, 3.0), "gather_extra": (0.0, 0.5, 1.0)}
+             "item_overhead_us": (0.0, 1.0, 3.0), "permute_ns_per_token": (0.0, 1.0, 3.0),
+             "gather_extra": (0.0, 0.5, 1.0)}
     grid = [dict(current, **dict(zip(active, values, strict=True)))
             for values in itertools.product(*(seeds[name] for name in active))]
     current = min(grid, key=loss)
@@ -551,7 +567,7 @@ def _coefficients(start: KernelCoefficients, g: dict[str, float], effs: dict[str
                   ) -> KernelCoefficients:
     return dataclasses.replace(
         start, efficiency={k: round(v, 4) for k, v in effs.items()},
-        **{name: round(g[name], 4) for name in GLOBALS})
+        **{name: None if g[name] is None else round(g[name], 4) for name in GLOBALS})
 
 
 def _sdpa_rates(rows: Sequence[Measurement], base: Profile) -> dict[str, Any]:

@@ -254,6 +254,7 @@ def _show_fit(result: Any, profile: Any, out: Output) -> None:
     k = result.coefficients
     out.line(f"fitted on {k.fit['rows']} rows (rms log error {k.fit['rms_log_error']:.3f}); "
              f"partial_extra {k.partial_extra}, q_tile_overhead_us {k.q_tile_overhead_us}, "
+             f"item_overhead_us {k.item_overhead_us}, "
              f"permute_ns_per_token {k.permute_ns_per_token}")
     out.line("efficiency: " + ", ".join(f"{key} {v:.3f}" for key, v in
                                         sorted(k.efficiency.items())))

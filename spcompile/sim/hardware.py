@@ -106,21 +106,23 @@ class LaunchKey:
 class KernelCoefficients:
     """How our forward kernel runs on one GPU (see ``model`` for where each enters).
 
-    ``efficiency[key]``: achieved fraction of the peak matrix rate of one SM while it runs
-    full tiles at launch configuration ``key``. ``partial_extra``: a partial tile costs
-    ``1 + partial_extra`` full tiles (mask arithmetic). ``q_tile_overhead_us``: prologue and
-    epilogue of one program (load Q, write O and LSE). ``permute_ns_per_token``: extra SM time
-    per token loaded through a permuted (gathered) layout. ``gather_extra``: a tile of gathered
-    global keys (``plan.gather``: loaded through a token index, masked with the exclusion
-    expression) costs that many full tiles more. ``sdpa_tflops[dtype]``: the dense
-    SDPA rate speedups are measured against; ``sdpa_tflops_by_kv_len[dtype][kv_len]`` the rates
-    measured at several key lengths (SDPA slowed from ~636 to ~583 TFLOP/s between 65k and 115k
-    tokens on the H100, 24 heads), interpolated in log(kv_len). ``host_us``: CPU time of one
-    ``attn_fwd`` call (kernels shorter than that are host-bound when the CPU cannot run ahead).
-    ``list_tile_us``: extra SM time of a tile whose KV index comes from a run-time list (TopK):
-    a dependent load before every K/V load, a latency per tile whatever its size.
-    ``rank_gsteps``: billions of row elements per second that TopK's ranking kernel scans
-    (each of its ``k`` rounds is a max and an argmax over the row: compute, not bandwidth).
+    ``efficiency[key]``: achieved fraction of the peak matrix rate of one SM while it runs full
+    tiles at launch configuration ``key``. ``partial_extra``: a partial tile costs ``1 +
+    partial_extra`` full tiles (mask arithmetic). ``q_tile_overhead_us``: prologue and epilogue
+    of one program (load Q, write O and LSE). ``item_overhead_us``: the same for one item of a
+    persistent launch (``codegen.sm90.persistent_for``), whose next Q tile loads behind the last
+    item's end (None: ``q_tile_overhead_us``). ``permute_ns_per_token``: extra SM time per token
+    loaded through a permuted (gathered) layout. ``gather_extra``: a tile of gathered global
+    keys (``plan.gather``: loaded through a token index, masked with the exclusion expression)
+    costs that many full tiles more. ``sdpa_tflops[dtype]``: the dense SDPA rate speedups are
+    measured against; ``sdpa_tflops_by_kv_len[dtype][kv_len]`` the rates measured at several key
+    lengths (SDPA slowed from ~636 to ~583 TFLOP/s between 65k and 115k tokens on the H100, 24
+    heads), interpolated in log(kv_len). ``host_us``: CPU time of one ``attn_fwd`` call (kernels
+    shorter than that are host-bound when the CPU cannot run ahead). ``list_tile_us``: extra SM
+    time of a tile whose KV index comes from a run-time list (TopK): a dependent load before
+    every K/V load, a latency per tile whatever its size. ``rank_gsteps``: billions of row
+    elements per second that TopK's ranking kernel scans (each of its ``k`` rounds is a max and
+    an argmax over the row: compute, not bandwidth).
     """
 
     efficiency: dict[str, float]
@@ -133,7 +135,14 @@ class KernelCoefficients:
     host_us: float = 0.0
     list_tile_us: float = 0.0
     rank_gsteps: float = 0.0
+    item_overhead_us: float | None = None
     fit: dict[str, Any] = field(default_factory=dict)
+
+    def overhead_us(self, persistent: bool) -> float:
+        """A program's (or a persistent launch's item's) start and end."""
+        if persistent and self.item_overhead_us is not None:
+            return self.item_overhead_us
+        return self.q_tile_overhead_us
 
     def efficiency_for(self, key: LaunchKey) -> tuple[float, str | None]:
         """(efficiency, note): exact when fitted; else the same launch on the other layout kind;
@@ -165,6 +174,7 @@ class KernelCoefficients:
             "efficiency": dict(sorted(self.efficiency.items())),
             "partial_extra": self.partial_extra,
             "q_tile_overhead_us": self.q_tile_overhead_us,
+            "item_overhead_us": self.item_overhead_us,
             "permute_ns_per_token": self.permute_ns_per_token,
             "gather_extra": self.gather_extra,
             "sdpa_tflops": self.sdpa_tflops,
@@ -181,6 +191,8 @@ class KernelCoefficients:
             efficiency={k: float(v) for k, v in tree["efficiency"].items()},
             partial_extra=float(tree["partial_extra"]),
             q_tile_overhead_us=float(tree["q_tile_overhead_us"]),
+            item_overhead_us=(None if tree.get("item_overhead_us") is None
+                              else float(tree["item_overhead_us"])),
             permute_ns_per_token=float(tree["permute_ns_per_token"]),
             gather_extra=float(tree.get("gather_extra", 0.0)),
             sdpa_tflops={k: float(v) for k, v in tree["sdpa_tflops"].items()},

@@ -105,6 +105,7 @@ class Workload:
     gathered: int  # gathered tiles per program (loaded through a token index)
     hbm_bytes: float  # q, k, v, o (and lse) once
     runtime_lists: bool = False  # KV tiles come from run-time lists (TopK)
+    persistent: bool = False  # one program per SM over plan.assign's item lists
 
     @property
     def programs(self) -> int:
@@ -133,9 +134,11 @@ def _hbm_bytes(problem: Problem) -> float:
 
 
 def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int,
-                       specialized: bool = False) -> Workload:
-    """The launch ``codegen.fwd.attn_fwd`` (``specialized``: ``codegen.sm90.attn_fwd_sm90``)
-    makes for this plan (schedule order, gather tiles)."""
+                       specialized: bool = False, persistent: bool = False) -> Workload:
+    """The launch ``codegen.fwd.attn_fwd`` (``specialized``: ``codegen.sm90.attn_fwd_sm90``,
+    ``persistent`` or one program per item) makes for this plan (schedule order, gather
+    tiles). A persistent launch is costed by the same greedy schedule: its item lists are that
+    rule run ahead (``plan.assign``); only an item's start and end cost less."""
     order = plan.schedule.long()
     gathered = plan.gather.num_tiles if plan.gather is not None else 0
     return Workload(
@@ -151,6 +154,7 @@ def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int
         kv_permuted=not plan.kv_layout.is_identity,
         gathered=gathered,
         hbm_bytes=_hbm_bytes(problem),
+        persistent=persistent,
     )
 
 
@@ -241,7 +245,7 @@ class LaunchCost:
     efficiency: float
     full_tile_us: float  # per tile, one SM to itself
     partial_tile_us: float
-    overhead_us: float  # per program
+    overhead_us: float  # per item (a program's, or a persistent launch's item's)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -268,7 +272,7 @@ def tile_times(work: Workload, profile: Profile, dtype: str, efficiency: float
     full = mma + kv_load
     partial = mma * (1.0 + k.partial_extra) + kv_load
     gathered = mma * (1.0 + k.partial_extra + k.gather_extra) + permute * work.key.kv_tokens
-    overhead = k.q_tile_overhead_us * 1e-6
+    overhead = k.overhead_us(work.persistent) * 1e-6
     if work.q_permuted:
         overhead += permute * work.key.q_tokens * 2  # q loaded, o stored through the layout
     return full, partial, gathered, overhead

@@ -192,10 +192,10 @@ class SimReport:
                 ("  kernel", f"{self.bound}-bound: schedule {_fmt_ms(self.compute_ms)}, L2 "
                              f"floor {_fmt_ms(self.l2_ms)}, HBM floor {_fmt_ms(self.hbm_ms)}, "
                              f"launch {self.launch_ms * 1e3:.1f} us"),
-                ("  schedule", f"{self.programs} programs on {self.slots} slots: "
+                ("  schedule", f"{self.programs} items on {self.slots} slots: "
                                f"{self.waves:.1f} waves, makespan / ideal {self.balance:.3f}"),
                 ("  per tile", f"full {self.full_tile_us:.2f} us, partial "
-                               f"{self.partial_tile_us:.2f} us, per program "
+                               f"{self.partial_tile_us:.2f} us, per item "
                                f"{self.overhead_us:.2f} us (one SM, efficiency "
                                f"{self.efficiency:.3f} of peak)"),
             ]

@@ -186,7 +186,8 @@ def _workload(plan: TilePlan, problem: Problem, profile: Profile,
 
         if sm90.in_scope(plan, _torch_dtype(problem), problem.head_dim, problem.dv):
             return workload_from_plan(plan, problem, sm90.WARPS,
-                                      sm90.launch_stages(plan, problem.head_dim), True)
+                                      sm90.launch_stages(plan, problem.head_dim), True,
+                                      _persistent(problem, profile))
     config = _launch(plan, launch)
     return workload_from_plan(plan, problem, config.num_warps, config.num_stages)
 
@@ -230,12 +231,19 @@ def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileAr
     )
 
 
+def _persistent(problem: Problem, profile: Profile) -> bool:
+    """Whether the warp-specialized forward launches persistent on this GPU."""
+    from ..codegen import sm90
+
+    l2 = int(profile.l2_mb * 2**20)
+    return sm90.persistent_for(problem.kv_len, problem.head_dim, problem.elem_bytes, l2)
+
+
 def _gluon_launch(problem: Problem, profile: Profile) -> str:
     """How the warp-specialized forward launches (``codegen.sm90.persistent_for``), said."""
     from ..codegen import sm90
 
-    l2 = int(profile.l2_mb * 2**20)
-    if sm90.persistent_for(problem.kv_len, problem.head_dim, problem.elem_bytes, l2):
+    if _persistent(problem, profile):
         return (f"launch: persistent, {profile.num_sms} programs, each running a list of items "
                 "(Q tiles of one head) balanced by their KV tiles (plan.assign): the schedule "
                 "above, ahead of time")
