@@ -150,6 +150,13 @@ def item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE):
     return b, h, hk, tile, n_full, n
 '''
 
+# The forward's loop over its program's items (``plan.assign``), in both partitions.
+_ITEM_LOOP = """\
+    mine = STARTS + gl.program_id(0)  # this program runs ITEMS[mine[0]:mine[1]]
+    for i in range(gl.load(mine), gl.load(mine + 1)):
+        w = gl.load(ITEMS + i)
+        b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)"""
+
 _FWD_PRODUCER = '''
 
 @gluon.jit
@@ -164,10 +171,7 @@ def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full,
     q_halves = q_smem._reinterpret(QD.dtype, {q_halves}, QD.layout)
     c = 0  # K/V tiles loaded by this program
     j = 0  # items started by this program
-    mine = STARTS + gl.program_id(0)  # this program runs ITEMS[mine[0]:mine[1]]
-    for i in range(gl.load(mine), gl.load(mine + 1)):
-        w = gl.load(ITEMS + i)
-        b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
+{item_loop}
         mbarrier.wait(q_empty, (j & 1) ^ 1)
         mbarrier.expect(q_bar, 2 * QD.block_type.nbytes)
         for half in gl.static_range(2):
@@ -207,10 +211,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     c = 0  # K/V tiles consumed by this program (the ring's position)
     j = 0  # items finished by this program (the phase of Q's buffer)
-    mine = STARTS + gl.program_id(0)  # this program runs ITEMS[mine[0]:mine[1]]
-    for i in range(gl.load(mine), gl.load(mine + 1)):
-        w = gl.load(ITEMS + i)
-        b, h, hk, tile, n_full, n = item_at(w, H, H_KV, FULL_CNT, PART_CNT, SCHEDULE)
+{item_loop}
 {q_layout}
         q_row = q_tok
         q_row_ok = q_ok
@@ -448,7 +449,8 @@ def sm90_source(plan: TilePlan) -> str:
     q_1d = layout_code(q, "q", "tile", "offs_m", "")
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
     producer = _FWD_PRODUCER.format(q_halves=_shape("2", plan, half_box(q)),
-                                    q_coords=half_coords(q, "half"), **_ring(plan, "c", 12))
+                                    q_coords=half_coords(q, "half"), item_loop=_ITEM_LOOP,
+                                    **_ring(plan, "c", 12))
     if own_output_buffer(plan):
         o_where = "a buffer of its own (a K buffer holds half of it)"
         o_smem = "    o_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], tile2d)"
@@ -461,6 +463,7 @@ def sm90_source(plan: TilePlan) -> str:
         halves=consumer_halves(_CONSUMER_PARAMS),
         layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_N"),
         o_where=o_where, o_smem=o_smem, o_count=o_count, o_slot=o_slot, kv_ring=_KV_RING,
+        item_loop=_ITEM_LOOP,
         o_boxes=_shape(o_count, plan, half_box(q)),
         o_coords=half_coords(q, "HALF"),
         q_layout=_gl(q_1d, 8),
@@ -648,7 +651,17 @@ def persistent_for(kv_len: int, head_dim: int, element_bytes: int, l2_bytes: int
     program's list is fixed ahead, so over ~175 items each the programs drift apart, the items
     in flight spread over more of the head's K/V than L2 holds; the hardware's dispatch keeps
     them neighbours (a reading of these numbers, not profiled)."""
-    return 2 * kv_len * padded_dim(head_dim) * element_bytes <= l2_bytes
+    return kv_head_bytes(kv_len, head_dim, element_bytes) <= l2_bytes
+
+
+def kv_head_bytes(kv_len: int, head_dim: int, element_bytes: int) -> int:
+    """One head's K and V as the kernel reads them (head dims padded)."""
+    return 2 * kv_len * padded_dim(head_dim) * element_bytes
+
+
+def persistent_call(q: Tensor, k: Tensor) -> bool:
+    """``persistent_for`` these tensors on their GPU: the launch ``attn_fwd_sm90`` makes."""
+    return persistent_for(k.shape[2], q.shape[3], q.element_size(), l2_bytes(q.device.index))
 
 
 @functools.lru_cache(maxsize=8)
@@ -679,8 +692,7 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     t = plan.device_tensors(q.device)
     items = plan.num_q_tiles * b * h
     if programs is None:
-        persistent = persistent_for(k.shape[2], d, q.element_size(), l2_bytes(q.device.index))
-        programs = num_sms(q.device) if persistent else items
+        programs = num_sms(q.device) if persistent_call(q, k) else items
     programs = min(programs, items)
     starts, order = assignment or _assignment(plan, b * h, programs, str(q.device))
     _module(plan).attn_fwd_sm90[(programs,)](

@@ -58,20 +58,18 @@ def assign_items(plan: TilePlan, heads: int, programs: int) -> tuple[Tensor, Ten
         load, p = free[0]
         owner[w] = p
         heapq.heapreplace(free, (load + cost, p))
-    by_program = torch.tensor(owner, dtype=torch.int64)
-    items = torch.sort(by_program, stable=True).indices.to(torch.int32)
-    counts = torch.bincount(by_program, minlength=programs)
-    starts = torch.zeros(programs + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(counts, 0)
-    return starts, items
-
+    return _lists(torch.tensor(owner, dtype=torch.int64), programs)
 
 
 def stride_items(items: int, programs: int) -> tuple[Tensor, Tensor]:
     """The fixed-stride rule in ``assign_items``' form (program p runs p, p + P, ...): kept to
     measure the two against each other (``benchmarks/tune.py --sm90``)."""
-    order = torch.arange(items, dtype=torch.int64)
-    by_program = order % programs
+    return _lists(torch.arange(items, dtype=torch.int64) % programs, programs)
+
+
+def _lists(owner: Tensor, programs: int) -> tuple[Tensor, Tensor]:
+    """(starts, items) of the programs that ``owner[w]`` gives each item ``w``: each
+    program's items in increasing order."""
     starts = torch.zeros(programs + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(torch.bincount(by_program, minlength=programs), 0)
-    return starts, torch.sort(by_program, stable=True).indices.to(torch.int32)
+    starts[1:] = torch.cumsum(torch.bincount(owner, minlength=programs), 0)
+    return starts, torch.sort(owner, stable=True).indices.to(torch.int32)

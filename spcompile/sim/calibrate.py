@@ -37,8 +37,8 @@ from typing import Any
 from ..codegen.fwd import LaunchConfig
 from ..plan.tiles import TilePlan, build_plan
 from ..spec.patterns import Pattern, TopK, pattern_from_dict
-from .hardware import DTYPES, KernelCoefficients, LaunchKey, Profile, dtype_name, load_profile
-from .model import Problem, Workload, launch_cost, workload_from_plan
+from .hardware import KernelCoefficients, LaunchKey, Profile, dtype_name, load_profile
+from .model import Problem, Workload, gluon_persistent, launch_cost, workload_from_plan
 
 __all__ = [
     "FitResult",
@@ -184,7 +184,7 @@ def load_results(
     takes by default on ``device`` (whose L2 decides it: ``_other_gluon_launch``).
     """
     known = load_suite(suite) if suite is not None else {}
-    l2_bytes = int(load_profile(device).l2_mb * 2**20)
+    gpu = load_profile(device)
     out: list[Measurement] = []
     skipped: list[str] = []
     for raw in paths:
@@ -217,7 +217,7 @@ def load_results(
                     skipped.append(f"{where}: measured on a different plan (tile bound "
                                    f"{float(recorded):.2f} then, {now:.2f} now)")
                     continue
-            other = _other_gluon_launch(row, m, l2_bytes) if m.specialized else ""
+            other = _other_gluon_launch(row, m, gpu) if m.specialized else ""
             if other:  # the Triton kernel timed beside it still counts
                 skipped.append(f"{where}: measured {other}, not the launch that runs by default")
             else:
@@ -263,19 +263,15 @@ def _other_kernel(row: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in flags.items() if v != DEFAULT_KERNEL[k])
 
 
-def _other_gluon_launch(row: dict[str, Any], m: Measurement, l2_bytes: int) -> str:
-    """Whether a Gluon kernel's row ran another launch than its default on a GPU with
-    ``l2_bytes`` of L2 ("" if not): ``sm90.persistent_for`` decides between one program per
+def _other_gluon_launch(row: dict[str, Any], m: Measurement, gpu: Profile) -> str:
+    """Whether a Gluon kernel's row ran another launch than its default on ``gpu`` ("" if
+    not): ``sm90.persistent_for``, with its L2, decides between one program per
     item and one per SM over ``plan.assign.assign_items``' lists. run.py's rows record the
     launch (``sm90_persistent``), tune.py's name it ("-p", "-ps"); both record the assignment
     since session 11. Older rows ran a program per item (before session 10) or, persistent, a
     fixed stride (session 10)."""
-    from ..codegen import sm90
-
-    p = m.problem
-    default = sm90.persistent_for(p.kv_len, p.head_dim, DTYPES[p.dtype], l2_bytes)
     persistent = _ran_persistent(row)
-    if persistent != default:
+    if persistent != gluon_persistent(m.problem, gpu):
         return f"the Gluon kernel {'persistent' if persistent else 'one program per item'}"
     if persistent and row.get("assignment") != "balanced":
         return "the Gluon kernel persistent over a fixed stride"

@@ -229,6 +229,11 @@ class Profile:
     sources: dict[str, str] = field(default_factory=dict)
     path: str | None = None
 
+    @property
+    def l2_bytes(self) -> int:
+        """The L2 cache in bytes (``l2_mb`` read as MiB, as CUDA reports it)."""
+        return int(self.l2_mb * 2**20)
+
     # -- rates ---------------------------------------------------------------------------
     def peak(self, dtype: str) -> float:
         """Peak dense matrix FLOP/s for ``dtype``."""

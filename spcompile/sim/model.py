@@ -49,6 +49,7 @@ __all__ = [
     "Problem",
     "Workload",
     "dense_sdpa_ms",
+    "gluon_persistent",
     "launch_cost",
     "makespan",
     "padded_dim",
@@ -131,6 +132,15 @@ def _hbm_bytes(problem: Problem) -> float:
     k_v = b * problem.kv_heads * problem.kv_len * (problem.head_dim + problem.dv) * e
     lse = b * problem.heads * problem.q_len * 4
     return float(q_o + k_v + lse)
+
+
+def gluon_persistent(problem: Problem, profile: Profile) -> bool:
+    """Whether the warp-specialized forward launches persistent for this problem on this GPU
+    (``codegen.sm90.persistent_for``, with the profile's L2)."""
+    from ..codegen import sm90
+
+    return sm90.persistent_for(problem.kv_len, problem.head_dim, problem.elem_bytes,
+                               profile.l2_bytes)
 
 
 def workload_from_plan(plan: TilePlan, problem: Problem, warps: int, stages: int,

@@ -22,6 +22,7 @@ from .model import (
     Problem,
     Workload,
     dense_sdpa_ms,
+    gluon_persistent,
     launch_cost,
     workload_from_counts,
     workload_from_plan,
@@ -187,7 +188,7 @@ def _workload(plan: TilePlan, problem: Problem, profile: Profile,
         if sm90.in_scope(plan, _torch_dtype(problem), problem.head_dim, problem.dv):
             return workload_from_plan(plan, problem, sm90.WARPS,
                                       sm90.launch_stages(plan, problem.head_dim), True,
-                                      _persistent(problem, profile))
+                                      gluon_persistent(problem, profile))
     config = _launch(plan, launch)
     return workload_from_plan(plan, problem, config.num_warps, config.num_stages)
 
@@ -231,23 +232,15 @@ def _static(pattern: Pattern, problem: Problem, profile: Profile, q_tile: TileAr
     )
 
 
-def _persistent(problem: Problem, profile: Profile) -> bool:
-    """Whether the warp-specialized forward launches persistent on this GPU."""
-    from ..codegen import sm90
-
-    l2 = int(profile.l2_mb * 2**20)
-    return sm90.persistent_for(problem.kv_len, problem.head_dim, problem.elem_bytes, l2)
-
-
 def _gluon_launch(problem: Problem, profile: Profile) -> str:
     """How the warp-specialized forward launches (``codegen.sm90.persistent_for``), said."""
     from ..codegen import sm90
 
-    if _persistent(problem, profile):
+    if gluon_persistent(problem, profile):
         return (f"launch: persistent, {profile.num_sms} programs, each running a list of items "
                 "(Q tiles of one head) balanced by their KV tiles (plan.assign): the schedule "
                 "above, ahead of time")
-    kv = 2 * problem.kv_len * sm90.padded_dim(problem.head_dim) * problem.elem_bytes
+    kv = sm90.kv_head_bytes(problem.kv_len, problem.head_dim, problem.elem_bytes)
     return (f"launch: one program per item: one head's K and V ({kv / 2**20:.0f} MiB) outgrow "
             f"the {profile.l2_mb:.0f} MiB L2, where persistent programs over fixed lists ran "
             "slower on the H100 (codegen.sm90.persistent_for)")
