@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--sm90", action="store_true",
                         help="warp-specialized kernel: KV tiles and ring depths")
     parser.add_argument("--kv", default="64,128", help="--sm90: the KV tile sizes to time")
+    parser.add_argument("--against", action="append", default=[], metavar="NAME=DIR",
+                        help="--sm90: time this tree's default forward against the one of the "
+                             "spcompile package copied into DIR (repeatable)")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
@@ -73,7 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in suite() if r.id in args.rows.split(",")]
     if args.sm90:
-        if args.bwd:
+        if args.against:
+            tune_against(rows, args.out, dict(a.split("=", 1) for a in args.against))
+        elif args.bwd:
             tune_sm90_bwd(rows, args.out)
         else:
             tune_sm90(rows, args.out, tuple(int(x) for x in args.kv.split(",")))
@@ -254,6 +259,84 @@ def tune_sm90(rows, out_path: str, kv_sizes: tuple[int, ...] = (64, 128)) -> Non
             print(json.dumps(res), flush=True)
         if out_path:  # after every row: a run cut short keeps what it measured
             Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
+    """This tree's default forward ("ours": the kernel, tiles and launch a call gets) against
+    that of each other version of the package, in three rounds with SDPA, each round in
+    another order, each output checked on sampled float64 rows. An other version is a copy of
+    the ``spcompile`` directory of another revision, e.g.
+
+        git archive REV spcompile | tar -x -C /tmp/rev   # then NAME=/tmp/rev/spcompile
+
+    Each copy is imported under its own NAME, its parent package left unexecuted (its
+    ``__init__`` would register the custom op a second time): only its plans and kernels
+    run. A change to the Gluon kernel's source is thus timed against the source it replaces,
+    on the same inputs in the same rounds."""
+    from spcompile.codegen import launch
+
+    packages = {name: _package_copy(name, path) for name, path in others.items()}
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        plan = launch.forward_plan(
+            lambda spec, s=s, p=row.pattern: build_plan(p, s, s, specialized=spec), q, v)
+        fns = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+               "ours": functools.partial(launch.forward, q, k, v, plan, D**-0.5)}
+        kernels = {"ours": launch.forward_kernel(plan, q, v)}
+        for name, pkg in packages.items():
+            other = _as_pattern(pkg, row.pattern)
+            other_plan = pkg.codegen.launch.forward_plan(
+                lambda spec, s=s, p=other, pkg=pkg: pkg.plan.tiles.build_plan(
+                    p, s, s, specialized=spec), q, v)
+            fns[name] = functools.partial(pkg.codegen.launch.forward, q, k, v, other_plan,
+                                          D**-0.5)
+            kernels[name] = pkg.codegen.launch.forward_kernel(other_plan, q, v)
+        errors = {name: sampled_error(row, q, k, v, fns[name]()[0]) for name in kernels}
+        rounds = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(3):  # each round starts elsewhere in the list: no version always first
+            shift = r * len(names) // 3
+            order = names[shift:] + names[:shift]
+            for name, ms in interleaved_ms({n: fns[n] for n in order}, rounds=1).items():
+                rounds[name] += ms
+        sdpa = statistics.median(rounds["sdpa"])
+        ours = statistics.median(rounds["ours"])
+        for name in kernels:
+            ms = statistics.median(rounds[name])
+            res = {"id": row.id, "variant": name, "kernel": kernels[name], "err": errors[name],
+                   "ms": ms, "rounds_ms": rounds[name], "sdpa_ms": sdpa,
+                   "sdpa_rounds_ms": rounds["sdpa"], "speedup": sdpa / ms,
+                   "ours_gain": ms / ours - 1.0, "tile_bound": plan.tile_bound,
+                   "of_tile_bound": sdpa / ms / plan.tile_bound}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        if out_path:
+            Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def _package_copy(name: str, path: str):
+    """The spcompile package copied into ``path``, imported as ``name`` with the submodules
+    ``tune_against`` runs (its ``__init__`` left unexecuted)."""
+    import importlib
+    import types
+
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(Path(path).resolve())]
+    sys.modules[name] = pkg
+    for sub in ("spec.patterns", "plan.tiles", "codegen.launch"):
+        module = importlib.import_module(f"{name}.{sub}")
+        parent, _, leaf = sub.rpartition(".")
+        setattr(sys.modules[f"{name}.{parent}"], leaf, module)
+        setattr(pkg, parent, sys.modules[f"{name}.{parent}"])
+    return pkg
+
+
+def _as_pattern(pkg, pattern: sp.Pattern):
+    """``pattern`` as an instance of ``pkg``'s class of the same name (its fields copied)."""
+    cls = getattr(pkg.spec.patterns, type(pattern).__name__)
+    return cls(**{f.name: getattr(pattern, f.name) for f in dataclasses.fields(pattern)})
 
 
 def tune_sm90_bwd(rows, out_path: str) -> None:
