@@ -105,7 +105,10 @@ def _dense(p: Dense) -> str:
 
 @emitter(Sliding)
 def _sliding(p: Sliding) -> str:
-    return f"(k_tok >= qpos - {p.left_extent}) & (k_tok <= qpos + {p.right_extent})"
+    # qpos - left <= k_tok <= qpos + right as one unsigned compare of the difference (a key
+    # left of the band wraps to a large value): per element one add, one compare and the
+    # select, against two compares and two selects (sm_90 SASS of the sw16k forward).
+    return f"((k_tok - (qpos - {p.left_extent})).to(tl.uint32) <= {p.left_extent + p.right_extent})"
 
 
 @emitter(Blocked)

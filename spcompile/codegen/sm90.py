@@ -21,8 +21,15 @@ per-tile rate on an H100. This kernel is laid out as FlashAttention-3's is. One 
 
 A program runs one item (grid = items), or, persistent (``persistent_for``: where one head's
 K and V fit in L2), one program per SM runs the items ``plan.assign.assign_items`` gives it.
-Its ring then runs on from one item into the next, and the next Q tile loads behind the last
-P V and output store of the previous item.
+Its ring then runs on from one item into the next. Each consumer copies its half of an item's
+Q tile into registers at the item's start and releases Q's buffer, so the next item's Q tile
+loads while this one runs; the output's store is waited for at the next item's start, once
+its first scores are issued, so neither Q's load nor the store stands between two items' MMAs.
+Against session 11's kernel (Q read from shared memory, its buffer released after the item's
+last scores, the store waited for at the item's end), in the same rounds, each round in another
+order (``benchmarks/tune.py --sm90 --against``, H100, session 12): sw16k +2.1%, blk16k +4.2%,
+na2d63 -0.7%. Q in registers with the store waited for at the item's end ran as that kernel
+did (sw16k -0.2%, blk16k +0.4%, na2d63 -4.5%): the gain needs both.
 
 Measured on the H100 (benchmarks/RESULTS.md, session 7), against the Triton kernel in the same
 rounds: the suite's N-d rows +7-20%, its 1-D rows (64-token KV tiles) +1-5%. A hand-written
@@ -164,7 +171,7 @@ def producer(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full,
              v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT,
              SCHEDULE, part_stride):
     """One warp: for each item of this program, the Q tile's halves (once both consumers have
-    read the previous Q tile for the last time), then its K and V tiles by TMA into the ring,
+    copied the previous Q tile into registers), then its K and V tiles by TMA into the ring,
     each as soon as both consumers have released the buffer it goes to. The ring runs on
     across items: the next item's first tiles load while this one's last are computed."""
 {ring_views}
@@ -187,13 +194,15 @@ _TEMPLATE = '''
 
 @gluon.jit
 def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, k_empty,
-             v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT,
+             v_empty, k_last, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, PART_CNT,
              SCHEDULE, part_stride, sm_scale, s_lb, s_lh, HALF: gl.constexpr):
     """One warpgroup: for each item of this program, rows [64 HALF, 64 HALF + 64) of its Q
     tile, the online softmax with the next tile's scores issued before the previous tile's
-    P V. Q's buffer is released after the item's last scores, so the next Q tile loads behind
-    the last P V and the output's store. The output goes out by TMA from ``o_smem``:
-    {o_where}. The item's last K buffer returns to the ring once that store has read it."""
+    P V. Its Q rows are the A operand of the scores' MMAs from registers, copied at the item's
+    start; Q's buffer is released then, so the next Q tile loads while this item runs. The
+    output goes out by TMA from ``o_smem``: {o_where}. The item's last K buffer is held until
+    both halves' last scores are done (``k_last``) and returns to the ring once that store has
+    read it, which the next item checks after its first scores are issued."""
     ROWS: gl.constexpr = 64
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -201,16 +210,18 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
     dtype: gl.constexpr = OD.dtype
 {layouts}
     o_rows: gl.constexpr = gl.SliceLayout(1, d_layout)
+    q_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
 
     offs_m = HALF * ROWS + gl.arange(0, ROWS, layout=rows)
     offs_n = gl.arange(0, BLOCK_N, layout=cols)
-    q = q_smem.index(HALF)
+    q_half = q_smem.index(HALF)
     o_halves = o_smem._reinterpret(dtype, [{o_count}, ROWS, BLOCK_D], q_smem.layout)
     o_boxes = o_smem._reinterpret(dtype, {o_boxes}, OD.layout)
     qk_scale = sm_scale * 1.4426950408889634
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     c = 0  # K/V tiles consumed by this program (the ring's position)
     j = 0  # items finished by this program (the phase of Q's buffer)
+    staged = 0  # the K buffer of the previous item's last tile (its output's store reads it)
 {item_loop}
 {q_layout}
         q_row = q_tok
@@ -220,19 +231,28 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
         acc = gl.zeros([ROWS, BLOCK_D], gl.float32, d_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, rows)
         l_i = gl.zeros([ROWS], gl.float32, rows)
+        it = 0
+{tile_first}
         mbarrier.wait(q_bar, j & 1)
+        q = q_half.load(q_operand)  # this half's rows, in registers for the whole item,
+        mbarrier.arrive(q_empty)  # so the next item's Q tile may load now
         stage = c % STAGES
         mbarrier.wait(k_full.index(stage), (c // STAGES) & 1)
-        it = 0
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False)
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        if j > 0:  # the previous item's output has left its K buffer: back to the ring
+            tma.store_wait(0)
+            mbarrier.arrive(k_empty.index(staged))
+        s = warpgroup_mma_wait(0, deps=(s,))
         if n == 1:
-            mbarrier.arrive(q_empty)  # this half of Q is read for the last time
+            mbarrier.arrive(k_last)  # this half has read K[last] for the last time
         else:
             mbarrier.arrive(k_empty.index(stage))
 {softmax_first}
         for it in range(1, n):
             stage = (c + it) % STAGES
             prev = (c + it - 1) % STAGES
+{tile_loop}
             mbarrier.wait(k_full.index(stage), ((c + it) // STAGES) & 1)
             s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
@@ -241,7 +261,7 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
                                 is_async=True)
             s = warpgroup_mma_wait(1, deps=(s,))
             if it == n - 1:
-                mbarrier.arrive(q_empty)
+                mbarrier.arrive(k_last)
             else:
                 mbarrier.arrive(k_empty.index(stage))
 {softmax_loop}
@@ -260,15 +280,15 @@ def consumer(OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_
         lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         gl.store(LSE + b.to(gl.int64) * s_lb + h.to(gl.int64) * s_lh + q_row, lse,
                  mask=q_row_ok)
-        mbarrier.wait(q_empty, j & 1)  # both halves' last scores are done: K[last] is free
+        mbarrier.wait(k_last, j & 1)  # both halves' last scores are done: K[last] is free
         o_halves.index({o_slot}).store(out.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(OD, {o_coords},
                                         o_boxes.index({o_slot}))
-        tma.store_wait(0)
-        mbarrier.arrive(k_empty.index(last))
+        staged = last
         c += n
         j += 1
+    tma.store_wait(0)
 
 
 {halves}
@@ -293,6 +313,8 @@ def attn_fwd_sm90(
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=2)  # released by both consumers
+    k_last = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(k_last, count=2)  # an item's last K tile, read by both consumers
 {kv_ring}
 {o_smem}
     ring = (q_bar, q_empty, k_full, v_full, k_empty, v_empty)
@@ -300,26 +322,37 @@ def attn_fwd_sm90(
             part_stride)
     rest = (sm_scale, s_lb, s_lh)
     gl.warp_specialize(
-        [(consumer_0, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + work + rest),
-         (consumer_1, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + work + rest),
+        [(consumer_0, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + (k_last,) + work
+          + rest),
+         (consumer_1, (OD, LSE, q_smem, k_smem, v_smem, o_smem) + ring + (k_last,) + work
+          + rest),
          (producer, (QD, KD, VD, q_smem, k_smem, v_smem) + ring + work)],
         [4, 1], [240, 24])
 '''
 
 # Scores of tile ``it`` -> P (in the inputs' dtype), with the running max and sum: the pattern's
-# mask on PARTIAL tiles only; rows that have seen no key yet keep exp2(-inf - 0) = 0.
+# mask on PARTIAL tiles only ({masking}: the tile's keys from ``kv_tile``, which each iteration
+# takes (``_TILE_AHEAD``) before it waits for the scores); rows that have seen no key yet keep
+# exp2(-inf - 0) = 0.
 _SOFTMAX = """\
-if it >= n_full:
-    kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)
-{k_layout}
-    s = gl.where(k_ok & ({mask}), s, float("-inf"))
-m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+{masking}m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
 m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
 p32 = gl.exp2(s * qk_scale - m_use[:, None])
 alpha = gl.exp2(m_i - m_use)
 l_i = l_i * alpha + gl.sum(p32, 1)
 m_i = m_new
 p = p32.to(dtype)"""
+
+_MASKING = """\
+if it >= n_full:
+{k_layout}
+    s = gl.where(k_ok & ({mask}), s, float("-inf"))
+"""
+
+# The consumer's KV tile ``it``, taken ahead of the waits for its K buffer and its scores: a
+# PARTIAL tile's index is a load from the plan's list, whose latency then overlaps the wait
+# instead of following it (plans without PARTIAL tiles need no index in the consumer).
+_TILE_AHEAD = "kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)"
 
 # Shared memory one program may take on an H100 (227 KiB), and what the kernel adds to its
 # Q, K and V buffers (mbarriers, alignment).
@@ -388,8 +421,8 @@ def _gl(lines: list[str], indent: int) -> str:
 
 
 _CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, "
-                    "k_empty, v_empty, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, PART_IDX, "
-                    "PART_CNT, SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
+                    "k_empty, v_empty, k_last, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, "
+                    "PART_IDX, PART_CNT, SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
 
 
 def consumer_halves(params: str) -> str:
@@ -407,7 +440,7 @@ def consumer_halves(params: str) -> str:
 
 def _item_at(plan: TilePlan) -> str:
     return _ITEM_AT.format(num_q_tiles=plan.num_q_tiles,
-                           n_part="gl.load(PART_CNT + tile)" if plan.part_cnt.any() else "0")
+                           n_part="gl.load(PART_CNT + tile)" if _has_part(plan) else "0")
 
 
 def _kv_tile_at(plan: TilePlan) -> str:
@@ -471,6 +504,8 @@ def sm90_source(plan: TilePlan) -> str:
         offset=plan.kv_len - plan.q_len,
         softmax_first=_softmax(plan, 8),
         softmax_loop=_softmax(plan, 12),
+        tile_first=_tile_ahead(plan, 8),
+        tile_loop=_tile_ahead(plan, 12),
     )
 
 
@@ -509,12 +544,21 @@ def half_coords(layout: TokenLayout, half: str, tile: str = "tile", head: str = 
 
 
 def _softmax(plan: TilePlan, indent: int) -> str:
-    k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
-    has_part = bool(plan.part_cnt.any())
-    text = _SOFTMAX.format(
-        k_layout=_gl(k_2d, 4),
-        mask=mask_expr(plan.list_pattern).replace("tl.", "gl.") if has_part else "True")
-    return textwrap.indent(text, " " * indent)
+    masking = ""
+    if _has_part(plan):
+        k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
+        masking = _MASKING.format(k_layout=_gl(k_2d, 4),
+                                  mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+    return textwrap.indent(_SOFTMAX.format(masking=masking), " " * indent)
+
+
+def _tile_ahead(plan: TilePlan, indent: int) -> str:
+    return " " * indent + _TILE_AHEAD if _has_part(plan) else ""
+
+
+def _has_part(plan: TilePlan) -> bool:
+    """Whether some Q tile of ``plan`` visits a PARTIAL tile (the forward masks only those)."""
+    return bool(plan.part_cnt.any())
 
 
 def swizzle_bytes(block_d: int, element_bytes: int) -> int:
@@ -650,7 +694,12 @@ def persistent_for(kv_len: int, head_dim: int, element_bytes: int, l2_bytes: int
     against 1.129x one program per item in session 7; hunyuan_gna 1.152x against 1.181x. A
     program's list is fixed ahead, so over ~175 items each the programs drift apart, the items
     in flight spread over more of the head's K/V than L2 holds; the hardware's dispatch keeps
-    them neighbours (a reading of these numbers, not profiled)."""
+    them neighbours (a reading of these numbers, not profiled). Session 12's kernel (Q in
+    registers) weakens that reading: launched one program per item it ran hunyuan_na at
+    1.031x the Triton kernel and hunyuan_gna at 1.160x (benchmarks/data/
+    2026-12-07-s12-h100-run-c.json), what session 11's persistent launch ran; session 7's lead
+    was another kernel's. The rule stands until the two launches are timed in the same
+    rounds."""
     return kv_head_bytes(kv_len, head_dim, element_bytes) <= l2_bytes
 
 
