@@ -110,19 +110,19 @@ class KernelCoefficients:
     tiles at launch configuration ``key``. ``partial_extra``: a partial tile costs ``1 +
     partial_extra`` full tiles (mask arithmetic). ``q_tile_overhead_us``: prologue and epilogue
     of one program (load Q, write O and LSE). ``item_overhead_us``: the same for one item of a
-    persistent launch (``codegen.sm90.persistent_for``), whose next Q tile loads behind the last
-    item's end (None: ``q_tile_overhead_us``). ``permute_ns_per_token``: extra SM time per token
-    loaded through a permuted (gathered) layout. ``gather_extra``: a tile of gathered global
-    keys (``plan.gather``: loaded through a token index, masked with the exclusion expression)
-    costs that many full tiles more. ``sdpa_tflops[dtype]``: the dense SDPA rate speedups are
-    measured against; ``sdpa_tflops_by_kv_len[dtype][kv_len]`` the rates measured at several key
-    lengths (SDPA slowed from ~636 to ~583 TFLOP/s between 65k and 115k tokens on the H100, 24
-    heads), interpolated in log(kv_len). ``host_us``: CPU time of one ``attn_fwd`` call (kernels
-    shorter than that are host-bound when the CPU cannot run ahead). ``list_tile_us``: extra SM
-    time of a tile whose KV index comes from a run-time list (TopK): a dependent load before
-    every K/V load, a latency per tile whatever its size. ``rank_gsteps``: billions of row
-    elements per second that TopK's ranking kernel scans (each of its ``k`` rounds is a max and
-    an argmax over the row: compute, not bandwidth).
+    persistent launch (``codegen.sm90.persistent_for``), whose next Q tile loads while the item
+    before it runs (None: ``q_tile_overhead_us``). ``permute_ns_per_token``: extra SM time per
+    token loaded through a permuted (gathered) layout. ``gather_extra``: a tile of gathered
+    global keys (``plan.gather``: loaded through a token index, masked with the exclusion
+    expression) costs that many full tiles more. ``sdpa_tflops[dtype]``: the dense SDPA rate
+    speedups are measured against; ``sdpa_tflops_by_kv_len[dtype][kv_len]`` the rates measured
+    at several key lengths (SDPA slowed from ~636 to ~583 TFLOP/s between 65k and 115k tokens on
+    the H100, 24 heads), interpolated in log(kv_len). ``host_us``: CPU time of one ``attn_fwd``
+    call (kernels shorter than that are host-bound when the CPU cannot run ahead).
+    ``list_tile_us``: extra SM time of a tile whose KV index comes from a run-time list (TopK):
+    a dependent load before every K/V load, a latency per tile whatever its size.
+    ``rank_gsteps``: billions of row elements per second that TopK's ranking kernel scans (each
+    of its ``k`` rounds is a max and an argmax over the row: compute, not bandwidth).
     """
 
     efficiency: dict[str, float]
