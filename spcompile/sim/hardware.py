@@ -216,7 +216,7 @@ class Profile:
     peak_tflops: dict[str, float]  # dense matrix rate per dtype (fp32: what our kernel uses)
     hbm_gbps: float
     l2_gbps: float
-    l2_mb: float
+    l2_mb: float  # MiB (2**20 bytes): CUDA's L2_cache_size over 2**20, the datasheets' "MB"
     smem_per_sm_kb: float
     max_warps_per_sm: int
     launch_us: float

@@ -49,6 +49,12 @@ def calibration_suite() -> list[tuple[str, Pattern, int, tuple[int, ...] | None]
     ]
 
 
+def l2_mib(l2_cache_size: int) -> float:
+    """A profile's ``l2_mb`` for CUDA's ``L2_cache_size`` (bytes): MiB, as the built-in profiles
+    give it and ``Profile.l2_bytes`` reads it back (the H100's 52428800 bytes: 50.0)."""
+    return round(l2_cache_size / 2**20, 1)
+
+
 def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: int = 128
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Measure the visible GPU: (hardware figures, kernel result rows in the results format)."""
@@ -64,7 +70,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
     name = torch.cuda.get_device_name(dev)
     say(f"measuring {name}")
     hw: dict[str, Any] = {"name": name, "num_sms": props.multi_processor_count,
-                          "l2_mb": round(getattr(props, "L2_cache_size", 0) / 1e6, 1)}
+                          "l2_mb": l2_mib(getattr(props, "L2_cache_size", 0))}
     smem = getattr(props, "shared_memory_per_multiprocessor", 0)
     if smem:
         hw["smem_per_sm_kb"] = smem / 1024
@@ -96,7 +102,7 @@ def measure_gpu(say: Callable[[str], None] = print, heads: int = 24, head_dim: i
     del big, dst
     from .l2probe import l2_read_gbps
 
-    hw["l2_gbps"] = round(l2_read_gbps(int(hw["l2_mb"] * 1e6), hw["num_sms"], median_ms))
+    hw["l2_gbps"] = round(l2_read_gbps(int(hw["l2_mb"] * 2**20), hw["num_sms"], median_ms))
     say(f"  GB/s: HBM copy {hw['hbm_gbps']}, L2 read {hw['l2_gbps']}")
 
     from ..spec.patterns import Dense

@@ -60,6 +60,7 @@ under 10%, none beyond 50%.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import math
@@ -76,6 +77,7 @@ from spcompile.plan.tiles import build_plan
 from spcompile.sim import SimReport, builtin_profiles, load_profile, simulate
 from spcompile.sim.calibrate import HOST_BOUND, Measurement, fit, load_results, predict_ms
 from spcompile.sim.hardware import LaunchKey
+from spcompile.sim.measure import l2_mib
 from spcompile.sim.model import Problem, dense_sdpa_ms, launch_cost, makespan, workload_from_plan
 from spcompile.sim.report import tile_map_image
 
@@ -269,6 +271,15 @@ def test_unknown_device_and_bad_arguments_say_what_was_expected():
         simulate(sp.Blocked(block=64), 1024, heads=6, kv_heads=4)
     with pytest.raises(ValueError, match="dtype among bf16"):
         simulate(sp.Blocked(block=64), 1024, dtype="int8")
+
+
+def test_measured_l2_reads_back_as_cuda_reports_it():
+    # CUDA's L2_cache_size on an H100, an A100 and an L40S: a measured profile must decide the
+    # Gluon forward's launch (``sm90.persistent_for``) on the bytes the kernel compares against.
+    for size in (52428800, 41943040, 100663296):
+        profile = dataclasses.replace(load_profile("h100"), l2_mb=l2_mib(size))
+        assert profile.l2_bytes == size
+    assert l2_mib(52428800) == load_profile("h100").l2_mb == 50.0
 
 
 def test_profile_by_path(tmp_path):
