@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -205,11 +205,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (pattern, scale, impl, q_tile, kv_tile)
 
 
-def _backward(ctx, do, dlse):
+def _gradients(ctx, do: Tensor, backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+               ) -> tuple[Tensor | None, ...]:
+    """The forward's inputs' gradients from ``_setup_context``'s saved state: ``backward`` (the
+    backward op, or its body) for q, k and v, none for the rest."""
     q, k, v, out, lse, blocks, key_bias = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks,
-                                       key_bias)
+    dq, dk, dv = backward(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks, key_bias)
     return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _backward(ctx, do, dlse):
+    return _gradients(ctx, do, attention_backward_op)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -239,7 +245,4 @@ class EagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dlse):
-        q, k, v, out, lse, blocks, key_bias = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do.contiguous(), q, k, v, out, lse, *ctx.args, blocks,
-                                        key_bias)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return _gradients(ctx, do, attention_backward)
