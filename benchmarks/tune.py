@@ -294,13 +294,7 @@ def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
                                           D**-0.5)
             kernels[name] = pkg.codegen.launch.forward_kernel(other_plan, q, v)
         errors = {name: sampled_error(row, q, k, v, fns[name]()[0]) for name in kernels}
-        rounds = {name: [] for name in fns}
-        names = list(fns)
-        for r in range(3):  # each round starts elsewhere in the list: no version always first
-            shift = r * len(names) // 3
-            order = names[shift:] + names[:shift]
-            for name, ms in interleaved_ms({n: fns[n] for n in order}, rounds=1).items():
-                rounds[name] += ms
+        rounds = interleaved_ms(fns, rotate=True)
         sdpa = statistics.median(rounds["sdpa"])
         ours = statistics.median(rounds["ours"])
         for name in kernels:

@@ -40,12 +40,16 @@ def median_ms(fn: Callable[[], Any], min_reps: int = 10, rep_ms: float = 200.0) 
 
 
 def interleaved_ms(fns: dict[str, Callable[[], Any]], rounds: int = 3,
-                   min_reps: int = 5) -> dict[str, list[float]]:
+                   min_reps: int = 5, rotate: bool = False) -> dict[str, list[float]]:
     """Per name, the ``median_ms`` of each of ``rounds`` rounds; every round times every
-    function once, in the given order."""
+    function once, in the given order, or with ``rotate`` each round starting further into it
+    (round r at ``r * len(fns) // rounds``), so that no function is always timed first or
+    last: the clock still settling after the one before falls on each in turn."""
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            out[name].append(median_ms(fn, min_reps=min_reps))
+    names = list(fns)
+    for r in range(rounds):
+        shift = r * len(names) // rounds if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            out[name].append(median_ms(fns[name], min_reps=min_reps))
     return out
 
