@@ -440,7 +440,7 @@ def consumer_halves(params: str) -> str:
 
 def _item_at(plan: TilePlan) -> str:
     return _ITEM_AT.format(num_q_tiles=plan.num_q_tiles,
-                           n_part="gl.load(PART_CNT + tile)" if _has_part(plan) else "0")
+                           n_part="gl.load(PART_CNT + tile)" if has_partial(plan) else "0")
 
 
 def _kv_tile_at(plan: TilePlan) -> str:
@@ -545,7 +545,7 @@ def half_coords(layout: TokenLayout, half: str, tile: str = "tile", head: str = 
 
 def _softmax(plan: TilePlan, indent: int) -> str:
     masking = ""
-    if _has_part(plan):
+    if has_partial(plan):
         k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
         masking = _MASKING.format(k_layout=_gl(k_2d, 4),
                                   mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
@@ -553,10 +553,10 @@ def _softmax(plan: TilePlan, indent: int) -> str:
 
 
 def _tile_ahead(plan: TilePlan, indent: int) -> str:
-    return " " * indent + _TILE_AHEAD if _has_part(plan) else ""
+    return " " * indent + _TILE_AHEAD if has_partial(plan) else ""
 
 
-def _has_part(plan: TilePlan) -> bool:
+def has_partial(plan: TilePlan) -> bool:
     """Whether some Q tile of ``plan`` visits a PARTIAL tile (the forward masks only those)."""
     return bool(plan.part_cnt.any())
 

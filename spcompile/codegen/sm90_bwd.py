@@ -68,6 +68,7 @@ from .sm90 import (
     gluon_plan,
     half_box,
     half_coords,
+    has_partial,
     kv_loop_source,
     q_tile_program,
     ring_depth,
@@ -440,9 +441,8 @@ def dq_source(plan: TilePlan, pipelined: bool = False) -> str:
     """The Gluon dQ kernel's source for this plan (``pipelined``: see ``_DQ_LOOP_PIPELINED``)."""
     q = plan.q_layout
     q_2d = [f"{n} = {n}[:, None]" for n in ["q_tok", "q_ok"] + [f"qx{a}" for a in range(q.ndim)]]
-    has_part = bool(plan.part_cnt.any())
     mask = ""
-    if has_part:
+    if has_partial(plan):
         k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
         mask = _DQ_MASK.format(k_layout=_gl(k_2d, 4),
                                mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
@@ -475,9 +475,8 @@ def dkdv_source(plan: TilePlan, pipelined: bool = False) -> str:
     # The Q tile's columns as 1-D vectors (r_*) for LSE and delta, and as [1, M] rows (q_*,
     # what the mask expression reads) on PARTIAL tiles.
     q_2d = [f"q{n} = r{n}[None, :]" for n in ["_tok", "_ok"] + [f"x{a}" for a in range(q.ndim)]]
-    has_part = bool(plan.part_cnt.any())
     mask = ""
-    if has_part:
+    if has_partial(plan):
         mask = _DKDV_MASK.format(q_2d=_gl(q_2d, 4), offset=plan.kv_len - plan.q_len,
                                  mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
     visit = _DKDV_VISIT.format(q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 0))
@@ -502,7 +501,7 @@ def dkdv_source(plan: TilePlan, pipelined: bool = False) -> str:
         halves=consumer_halves(_DKDV_PARAMS),
         layouts=CONSUMER_LAYOUTS.format(cols="BLOCK_M"),
         num_kv_tiles=plan.num_kv_tiles,
-        n_part="gl.load(T_PART_CNT + kv_tile)" if has_part else "0",
+        n_part="gl.load(T_PART_CNT + kv_tile)" if has_partial(plan) else "0",
         block_m=q.tile_size,
     )
 
