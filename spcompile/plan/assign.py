@@ -28,8 +28,11 @@ from torch import Tensor
 from .tiles import TilePlan
 
 #: What an item costs beyond its KV tiles, in tiles: the start of a Q tile (its Q load, the
-#: first scores) and its end (the last P V, the output's store). The simulator's fitted
-#: per-Q-tile overhead is ~1.2 full 128x128 tiles' time on the H100 (``sim.profiles.h100``).
+#: first scores) and its end (the last P V, the output's store). Chosen from the simulator's
+#: per-program overhead (~1.3 full 128x128 tiles' time on the H100, ``sim.profiles.h100``).
+#: Since session 12 the forward loads an item's Q tile and waits for its store behind the
+#: neighbouring items, and the fit puts a persistent item's own overhead at ~0; the lists were
+#: not re-balanced for that (a change of launch, to be measured).
 ITEM_OVERHEAD_TILES = 1.0
 
 
