@@ -67,8 +67,9 @@ def main() -> None:
                         help="warp-specialized kernel: KV tiles and ring depths")
     parser.add_argument("--kv", default="64,128", help="--sm90: the KV tile sizes to time")
     parser.add_argument("--against", action="append", default=[], metavar="NAME=DIR",
-                        help="--sm90: time this tree's default forward against the one of the "
-                             "spcompile package copied into DIR (repeatable)")
+                        help="--sm90: time this tree's default forward (with --bwd: its "
+                             "backward kernels) against the one of the spcompile package "
+                             "copied into DIR (repeatable)")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
@@ -77,7 +78,8 @@ def main() -> None:
     rows = [r for r in suite() if r.id in args.rows.split(",")]
     if args.sm90:
         if args.against:
-            tune_against(rows, args.out, dict(a.split("=", 1) for a in args.against))
+            against = tune_against_bwd if args.bwd else tune_against
+            against(rows, args.out, dict(a.split("=", 1) for a in args.against))
         elif args.bwd:
             tune_sm90_bwd(rows, args.out)
         else:
@@ -311,6 +313,71 @@ def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
             Path(out_path).write_text(json.dumps(results, indent=1))
 
 
+def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
+    """``tune_against`` for the Hopper backward: this tree's dQ and dK/dV kernels (each on
+    its own tiles and default launch) against those of each other version, on the same
+    forward's output and the same dO, with our forward and SDPA's forward and fwd+bwd, in
+    three rounds of rotating order. ``fb_over_fwd``: the fwd+bwd speedup of our forward and
+    the version's two kernels, over the forward's speedup. Each other version's gradients
+    are compared with ours (``agreement``: relative norm of the difference, 0 where
+    bit-identical)."""
+    from spcompile.codegen import sm90_bwd
+    from spcompile.codegen.launch import forward
+
+    packages = {name: _package_copy(name, path) for name, path in others.items()}
+    results = []
+    for row in rows:
+        s = row.seq_len
+        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        scale = D**-0.5
+        fwd_plan = build_plan(row.pattern, s, s, specialized=True)
+        out, lse = forward(q, k, v, fwd_plan, scale)
+        versions = {"ours": (sm90_bwd, row.pattern, build_plan)}
+        for name, pkg in packages.items():
+            versions[name] = (pkg.codegen.sm90_bwd, _as_pattern(pkg, row.pattern),
+                              pkg.plan.tiles.build_plan)
+        fns = {"sdpa_fb": lambda qg=qg, kg=kg, vg=vg, do=do: F.scaled_dot_product_attention(
+            qg, kg, vg).backward(do),
+               "sdpa": functools.partial(F.scaled_dot_product_attention, q, k, v),
+               "fwd": functools.partial(forward, q, k, v, fwd_plan, scale)}
+        grads = {}
+        for name, (mod, pattern, build) in versions.items():
+            dq_plan = build(pattern, s, s, *mod.dq_tiles(pattern, s, s))
+            dkdv_plan = build(pattern, s, s, *mod.dkdv_tiles(pattern, s, s))
+            dq_fn = functools.partial(mod.attn_bwd_dq_sm90, do, q, k, v, out, lse, dq_plan,
+                                      scale)
+            dq, delta = dq_fn()
+            dkdv_fn = functools.partial(mod.attn_bwd_dkdv_sm90, do, q, k, v, lse, delta,
+                                        dkdv_plan, scale)
+            grads[name] = (dq, *dkdv_fn())
+            fns[f"{name}_dq"], fns[f"{name}_dkdv"] = dq_fn, dkdv_fn
+        rounds = interleaved_ms(fns, rotate=True)
+        ms = {n: statistics.median(r) for n, r in rounds.items()}
+
+        def fb_over_fwd(dq_ms: float, dkdv_ms: float, ms: dict[str, float] = ms) -> float:
+            """(SDPA fwd+bwd / our forward + dQ + dK/dV) over the forward's speedup."""
+            return ms["sdpa_fb"] / (ms["fwd"] + dq_ms + dkdv_ms) / (ms["sdpa"] / ms["fwd"])
+
+        for name in grads:
+            agreement = max(float((a.float() - b.float()).norm() / b.float().norm())
+                            for a, b in zip(grads[name], grads["ours"], strict=True))
+            res = {"id": row.id, "variant": name, "agreement": agreement,
+                   "dq_ms": ms[f"{name}_dq"], "dkdv_ms": ms[f"{name}_dkdv"],
+                   "dq_rounds_ms": rounds[f"{name}_dq"],
+                   "dkdv_rounds_ms": rounds[f"{name}_dkdv"], "sdpa_fb_ms": ms["sdpa_fb"],
+                   # > 0: this version is slower than ours
+                   "dq_gain": ms[f"{name}_dq"] / ms["ours_dq"] - 1.0,
+                   "dkdv_gain": ms[f"{name}_dkdv"] / ms["ours_dkdv"] - 1.0,
+                   "fwd_ms": ms["fwd"], "sdpa_ms": ms["sdpa"],
+                   "fb_over_fwd": fb_over_fwd(ms[f"{name}_dq"], ms[f"{name}_dkdv"])}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        if out_path:
+            Path(out_path).write_text(json.dumps(results, indent=1))
+
+
 def _package_copy(name: str, path: str):
     """The spcompile package copied into ``path``, imported as ``name`` with the submodules
     ``tune_against`` runs (its ``__init__`` left unexecuted)."""
@@ -320,7 +387,7 @@ def _package_copy(name: str, path: str):
     pkg = types.ModuleType(name)
     pkg.__path__ = [str(Path(path).resolve())]
     sys.modules[name] = pkg
-    for sub in ("spec.patterns", "plan.tiles", "codegen.launch"):
+    for sub in ("spec.patterns", "plan.tiles", "codegen.launch", "codegen.sm90_bwd"):
         module = importlib.import_module(f"{name}.{sub}")
         parent, _, leaf = sub.rpartition(".")
         setattr(sys.modules[f"{name}.{parent}"], leaf, module)
