@@ -349,10 +349,15 @@ if it >= n_full:
     s = gl.where(k_ok & ({mask}), s, float("-inf"))
 """
 
-# The consumer's KV tile ``it``, taken ahead of the waits for its K buffer and its scores: a
-# PARTIAL tile's index is a load from the plan's list, whose latency then overlaps the wait
-# instead of following it (plans without PARTIAL tiles need no index in the consumer).
-_TILE_AHEAD = "kv_tile = kv_tile_at(it, n_full, FULL_BOX, PART_IDX, tile, part_stride)"
+# The consumer's KV tile ``it``, loaded ahead of the waits for its K buffer and its scores, so
+# that the load's latency overlaps them. Only the masking of a PARTIAL tile reads it, so this is
+# one load from the PARTIAL list, clamped to its first entry on FULL tiles (whose value goes
+# unused); ``kv_tile_at`` would also compute every FULL tile's index (two loads and a division
+# on N-d grids; na2d31's sm_90 SASS has 6 more global loads and 4 more high multiplies with it).
+# Against computing it, same rounds on the H100: na2d31 +0.2%, na3d and sw16k within their
+# rounds' spread (benchmarks/data/2026-12-07-s13-h100-ab-fwd-1.json). Plans without PARTIAL
+# tiles need no index in the consumer.
+_TILE_AHEAD = "kv_tile = gl.load(PART_IDX + tile * part_stride + gl.maximum(it - n_full, 0))"
 
 # Shared memory one program may take on an H100 (227 KiB), and what the kernel adds to its
 # Q, K and V buffers (mbarriers, alignment).
