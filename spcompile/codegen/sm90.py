@@ -656,7 +656,6 @@ WARPS = 12
 def descriptors(plan: TilePlan, views: list[Tensor], tiles: list[tuple[int, ...]]) -> list[Any]:
     """Gluon TMA descriptors over ``views`` (``fwd.tma_views``), one tile's box each, in the
     NVMMA swizzle the kernels' shared buffers use."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bd = padded_dim(views[0].shape[-1])
@@ -664,10 +663,19 @@ def descriptors(plan: TilePlan, views: list[Tensor], tiles: list[tuple[int, ...]
     out = []
     for x, tile in zip(views, tiles, strict=True):
         box = descriptor_box(plan, tile, bd)
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
-                                      element_bitwidth=8 * x.element_size(), rank=len(box))
+        layout = _nvmma_layout(swizzle, 8 * x.element_size(), len(box))
         out.append(TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout))
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _nvmma_layout(swizzle: int, bits: int, rank: int) -> Any:
+    """The shared layout of a descriptor, built once: a launch makes up to six descriptors and
+    each layout took ~3 us of host time to build (a third of a descriptor's), which a short
+    kernel's step waits on."""
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=rank)
 
 
 @functools.lru_cache(maxsize=128)

@@ -40,6 +40,31 @@ def test_half_boxes_split_the_first_long_axis() -> None:
     assert "% 15) * 2 + half * 1," in half_coords(nd, "half")
 
 
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 40)])
+def test_descriptors(dtype: torch.dtype, head_dim: int) -> None:
+    """One TMA descriptor per view: the view's shape and strides, one tile's box, and the
+    NVMMA swizzle of the kernels' shared buffers (the same layout on every call)."""
+    from triton.experimental.gluon import language as gl
+
+    from spcompile.codegen.fwd import descriptor_box, padded_dim, tma_views
+    from spcompile.codegen.sm90 import descriptors, swizzle_bytes
+
+    plan = build_plan(sp.Neighborhood(shape=(17, 23), window=7), 391, 391, specialized=True)
+    q = torch.empty(2, 3, 391, head_dim, dtype=dtype)
+    views = tma_views(plan, q, q, q, q)
+    assert views is not None
+    tiles = [half_box(plan.q_layout), plan.kv_layout.tile, plan.kv_layout.tile,
+             half_box(plan.q_layout)]
+    bd = padded_dim(head_dim)
+    for _ in range(2):
+        for desc, x, tile in zip(descriptors(plan, views, tiles), views, tiles, strict=True):
+            box = descriptor_box(plan, tile, bd)
+            assert list(desc.shape) == list(x.shape) and list(desc.strides) == list(x.stride())
+            assert list(desc.block_shape) == box
+            assert desc.layout == gl.NVMMASharedLayout(
+                swizzle_byte_width=swizzle_bytes(bd, 2), element_bitwidth=16, rank=len(box))
+
+
 def test_scope(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the kernel takes: static plans without gathered keys or block matrices, 16-bit
     inputs, head dims up to 128, no key bias; everything else stays on the Triton kernel."""
