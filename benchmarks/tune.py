@@ -328,9 +328,7 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
     results = []
     for row in rows:
         s = row.seq_len
-        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(4))
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        q, k, v, do, qg, kg, vg = _grad_inputs(s)
         scale = D**-0.5
         fwd_plan = build_plan(row.pattern, s, s, specialized=True)
         out, lse = forward(q, k, v, fwd_plan, scale)
@@ -421,9 +419,7 @@ def tune_sm90_bwd(rows, out_path: str) -> None:
     results = []
     for row in rows:
         s = row.seq_len
-        q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(4))
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        q, k, v, do, qg, kg, vg = _grad_inputs(s)
         scale = 1.0 / D ** 0.5
         fwd_plan = build_plan(row.pattern, s, s)
         out, lse = forward(q, k, v, fwd_plan, scale)
@@ -524,12 +520,18 @@ def tune_topk(rows, out_path: str) -> None:
         Path(out_path).write_text(json.dumps(results, indent=1))
 
 
+def _grad_inputs(s: int) -> tuple[torch.Tensor, ...]:
+    """Fresh bf16 q, k, v and dO of ``s`` tokens, and copies of q, k, v that take gradients
+    (SDPA's fwd+bwd runs on those)."""
+    q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    return q, k, v, do, *(x.clone().requires_grad_() for x in (q, k, v))
+
+
 def _backward_inputs(row):
     """Fresh q, k, v, dO; our forward's out and LSE at the default tiles; SDPA's fwd+bwd time
     and our forward's time, both from this run; and the forward's plan."""
     s = row.seq_len
-    q, k, v, do = (torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    q, k, v, do, qg, kg, vg = _grad_inputs(s)
 
     def sdpa_fb():
         F.scaled_dot_product_attention(qg, kg, vg).backward(do)
