@@ -321,8 +321,7 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
     the version's two kernels, over the forward's speedup. Each other version's gradients
     are compared with ours (``agreement``: relative norm of the difference, 0 where
     bit-identical)."""
-    from spcompile.codegen import sm90_bwd
-    from spcompile.codegen.launch import forward
+    from spcompile.codegen import launch, sm90_bwd
 
     packages = {name: _package_copy(name, path) for name, path in others.items()}
     results = []
@@ -330,8 +329,9 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
         s = row.seq_len
         q, k, v, do, qg, kg, vg = _grad_inputs(s)
         scale = D**-0.5
-        fwd_plan = build_plan(row.pattern, s, s, specialized=True)
-        out, lse = forward(q, k, v, fwd_plan, scale)
+        fwd_plan = launch.forward_plan(
+            lambda spec, s=s, p=row.pattern: build_plan(p, s, s, specialized=spec), q, v)
+        out, lse = launch.forward(q, k, v, fwd_plan, scale)
         versions = {"ours": (sm90_bwd, row.pattern, build_plan)}
         for name, pkg in packages.items():
             versions[name] = (pkg.codegen.sm90_bwd, _as_pattern(pkg, row.pattern),
@@ -339,7 +339,7 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
         fns = {"sdpa_fb": lambda qg=qg, kg=kg, vg=vg, do=do: F.scaled_dot_product_attention(
             qg, kg, vg).backward(do),
                "sdpa": functools.partial(F.scaled_dot_product_attention, q, k, v),
-               "fwd": functools.partial(forward, q, k, v, fwd_plan, scale)}
+               "fwd": functools.partial(launch.forward, q, k, v, fwd_plan, scale)}
         grads = {}
         for name, (mod, pattern, build) in versions.items():
             dq_plan = build(pattern, s, s, *mod.dq_tiles(pattern, s, s))
@@ -353,11 +353,7 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
             fns[f"{name}_dq"], fns[f"{name}_dkdv"] = dq_fn, dkdv_fn
         rounds = interleaved_ms(fns, rotate=True)
         ms = {n: statistics.median(r) for n, r in rounds.items()}
-
-        def fb_over_fwd(dq_ms: float, dkdv_ms: float, ms: dict[str, float] = ms) -> float:
-            """(SDPA fwd+bwd / our forward + dQ + dK/dV) over the forward's speedup."""
-            return ms["sdpa_fb"] / (ms["fwd"] + dq_ms + dkdv_ms) / (ms["sdpa"] / ms["fwd"])
-
+        fwd_speedup = ms["sdpa"] / ms["fwd"]
         for name in grads:
             agreement = max(float((a.float() - b.float()).norm() / b.float().norm())
                             for a, b in zip(grads[name], grads["ours"], strict=True))
@@ -369,7 +365,8 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
                    "dq_gain": ms[f"{name}_dq"] / ms["ours_dq"] - 1.0,
                    "dkdv_gain": ms[f"{name}_dkdv"] / ms["ours_dkdv"] - 1.0,
                    "fwd_ms": ms["fwd"], "sdpa_ms": ms["sdpa"],
-                   "fb_over_fwd": fb_over_fwd(ms[f"{name}_dq"], ms[f"{name}_dkdv"])}
+                   "fb_over_fwd": ms["sdpa_fb"] / (ms["fwd"] + ms[f"{name}_dq"]
+                                                   + ms[f"{name}_dkdv"]) / fwd_speedup}
             results.append(res)
             print(json.dumps(res), flush=True)
         if out_path:
@@ -378,7 +375,7 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
 
 def _package_copy(name: str, path: str):
     """The spcompile package copied into ``path``, imported as ``name`` with the submodules
-    ``tune_against`` runs (its ``__init__`` left unexecuted)."""
+    ``tune_against`` and ``tune_against_bwd`` run (its ``__init__`` left unexecuted)."""
     import importlib
     import types
 
