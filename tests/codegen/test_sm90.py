@@ -14,8 +14,10 @@ from sm90_cases import CASES, HOPPER, gluon_builds, random_inputs, strided_input
 
 import spcompile as sp
 from spcompile.codegen import launch
+from spcompile.codegen.fwd import descriptor_box, padded_dim, tma_views
 from spcompile.codegen.sm90 import (
     attn_fwd_sm90,
+    descriptors,
     forward_plan,
     half_box,
     half_coords,
@@ -24,6 +26,7 @@ from spcompile.codegen.sm90 import (
     sm90_eligible,
     sm90_source,
     stages_for,
+    swizzle_bytes,
 )
 from spcompile.plan.tiles import build_plan
 
@@ -45,9 +48,6 @@ def test_descriptors(dtype: torch.dtype, head_dim: int) -> None:
     """One TMA descriptor per view: the view's shape and strides, one tile's box, and the
     NVMMA swizzle of the kernels' shared buffers (the same layout on every call)."""
     from triton.experimental.gluon import language as gl
-
-    from spcompile.codegen.fwd import descriptor_box, padded_dim, tma_views
-    from spcompile.codegen.sm90 import descriptors, swizzle_bytes
 
     plan = build_plan(sp.Neighborhood(shape=(17, 23), window=7), 391, 391, specialized=True)
     q = torch.empty(2, 3, 391, head_dim, dtype=dtype)
