@@ -8,6 +8,11 @@ For each row, the step ``run.py --bwd`` times (grads dropped, ``sparse_attention
 - ``step_ms``: the step's do_bench median (what run.py reports);
 - ``host_ms``: the host time to issue one step while the GPU is busy (a long sleep kernel is
   queued first, so no launch waits on the GPU): Python, dispatch, autograd and launches;
+- ``graph_ms``: the step captured once in a CUDA graph and replayed, timed as ``step_ms``: the
+  same kernels with no host work between them. Where it is below ``step_ms``, the host issued
+  some launch late in the timed step;
+- ``back_to_back_ms``: steps issued back to back, the L2 not cleared between them, over one
+  pair of events: the GPU time of a step when the host keeps ahead;
 - ``kernels``: every GPU kernel of one step (torch.profiler, mean over steps) and their sum,
   and the GPU's idle time before each (steps back to back): a launch the host issued late;
 - ``host_top``: for our steps, the Python functions taking the most host time (cProfile, own
@@ -66,6 +71,37 @@ def host_ms(fn, steps: int = STEPS) -> float:
     return statistics.median(batches)
 
 
+def graph_ms(fn) -> float | str:
+    """``median_ms`` of ``fn`` captured in a CUDA graph (warmed up on a side stream first, as
+    capture asks), or why it could not be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # report, never hide
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return median_ms(graph.replay)
+
+
+def back_to_back_ms(fn, steps: int = 50) -> float:
+    """Mean GPU milliseconds per call of ``fn``, ``steps`` calls issued back to back."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def kernels(fn, steps: int = STEPS) -> tuple[dict[str, float], dict[str, float]]:
     """Mean GPU microseconds per call of each kernel ``fn`` launches, and the mean idle GPU
     time before each (since the previous kernel ended; calls back to back), from
@@ -105,8 +141,9 @@ def host_top(fn, steps: int = STEPS, top: int = 12) -> list[tuple[str, float]]:
 
 def measure(fn, profile_host: bool = False) -> dict:
     ks, idle = kernels(fn)
-    res = {"step_ms": median_ms(fn), "host_ms": host_ms(fn), "kernel_sum_ms":
-           sum(ks.values()) / 1e3, "kernels_us": ks, "idle_before_us": idle}
+    res = {"step_ms": median_ms(fn), "graph_ms": graph_ms(fn),
+           "back_to_back_ms": back_to_back_ms(fn), "host_ms": host_ms(fn),
+           "kernel_sum_ms": sum(ks.values()) / 1e3, "kernels_us": ks, "idle_before_us": idle}
     if profile_host:
         res["host_top"] = host_top(fn)
     return res
@@ -158,8 +195,11 @@ def main() -> None:
         results.append(res)
         for name in ("fwd", "sdpa_fwd", "fb", "fb_op", "sdpa_fb", "bwd_op", "bwd_body"):
             m = res[name]
-            print(f"{row.id:8s} {name:9s} step {m['step_ms']:7.3f} ms  host {m['host_ms']:6.3f}"
-                  f" ms  kernels {m['kernel_sum_ms']:7.3f} ms")
+            graph = m["graph_ms"]
+            graph = f"{graph:7.3f} ms" if isinstance(graph, float) else graph
+            print(f"{row.id:8s} {name:9s} step {m['step_ms']:7.3f} ms  graph {graph}  back to "
+                  f"back {m['back_to_back_ms']:7.3f} ms  host {m['host_ms']:6.3f} ms  kernels "
+                  f"{m['kernel_sum_ms']:7.3f} ms")
             for kname, us in m["kernels_us"].items():
                 print(f"{'':20s}{us:9.1f} us  {kname}  (idle before: "
                       f"{m['idle_before_us'].get(kname, 0.0):.1f} us)")
