@@ -17,6 +17,9 @@ warp-specialized Hopper kernel of session 7 (``codegen.sm90``) with
         benchmarks/data/2026-12-07-s10-h100-run-{a,b}.json \\
         benchmarks/data/2026-12-07-s10-h100-tune-sm90-fwd.json \\
         benchmarks/data/2026-12-07-s12-h100-run-{a,b,c,d,e}.json \\
+        benchmarks/data/2026-12-07-s14-h100-run-{a,c,d}.json \\
+        benchmarks/data/2026-12-07-s14-h100-run-e.json@default \\
+        benchmarks/data/2026-12-07-s14-h100-run-{f,g}.json \\
         --out spcompile/sim/profiles/h100.json
 
 (rows of other kernels in those files are skipped by ``load_results``; a session-7 or -9 row
@@ -41,6 +44,12 @@ overhead fitted to zero (``item_overhead_us``: 0.0). Speedup errors on session 1
 hunyuan_gna -1.5%; held out: sw32k -3.2% and -2.7%, csw32k -6.0% and -7.9%, flux_gna -6.6%,
 hunyuan_na +17.4% (one program per item: 4.89x measured, against 5.31x in session 7; on the
 median of the two, +12.4%).
+Session 14 re-ran the whole suite on the same kernels and added its runs to the fit (the
+coefficients moved by at most 6%). Speedup errors on session 14's runs: sw16k -1.1%, blk16k
+-2.2%, -2.2%, -2.7% and +2.3%, na2d31 -4.5%, na2d63 -4.9%, na3d -3.6%, flux_na -7.3%,
+hunyuan_gna -0.2%, vert16k +0.0% (Triton kernel); held out: sw32k -3.0%, csw32k -7.1%, flux_gna
+-6.9%, hunyuan_na +13.5% (also on the median of its three runs of this launch, sessions 7, 12
+and 14: 5.31x, 4.89x, 5.07x).
 na3d left the held-out rows: its launch (64-token N-d KV boxes) ran only there, and without a
 row of its own the model costs it at the nearest launch (-20.6% on na3d, in a trial fit).
 Held out of that fit: every row (all configurations, both kernels) of sw32k, csw32k, flux_gna,
@@ -52,8 +61,8 @@ q128/kv64 at 8 warps, 3 stages; or the warp-specialized kernel) within 15% of th
 measurements (two to four runs for most rows), held out or not, and each single measurement within
 18%: single runs of one row and launch differ by up to 19% on this H100 (hunyuan_na: 4.49x to 5.33x
 over four runs; the H100 runs dense attention at its 700 W power cap, its clock moving between 1245
-and 1980 MHz). Worst (session 12's fit): hunyuan_na's Gluon launch, held out, +17.4% on session
-12's run (+12.4% on the median of its two runs); flux_gna, held out, -12.3% on one session-4
+and 1980 MHz). Worst (session 14's fit): hunyuan_na's Gluon launch, held out, +17.8% on session
+12's run (+13.5% on the median of its three runs); flux_gna, held out, -12.3% on one session-4
 run. The other launch configurations (warps/stages around the default) are held to median error
 under 10%, none beyond 50%.
 """
