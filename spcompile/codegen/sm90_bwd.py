@@ -20,8 +20,15 @@ the products that accumulate:
 
     S^T  = K Q^T,  dP^T = V dO^T                      async, both
     P^T  = exp2(S^T * scale - lse)   (mask on PARTIAL tiles)
+    dV  += P^T dO                                     async: runs while dS^T is computed
     dS^T = P^T * (dP^T - delta)
-    dV  += P^T dO,  dK += dS^T Q                      async, both; then release the buffer
+    dK  += dS^T Q                                     async; both waited for, then release
+
+dV's product goes out before dS^T is computed rather than beside dK's (same registers, same
+spills in the sm_90 SASS, gradients bit-identical). dK/dV against issuing both after dS^T,
+same rounds on the H100 (``tune.py --sm90 --bwd --against``, benchmarks/data/
+2026-12-07-s14-h100-ab-dkdv-{1,2}.json): blk16k +1.0% and +0.5%, na2d31 +1.9%, sw16k -3.1%
+and +1.2% (this kernel's sw16k rounds spread 14% in the first).
 
 Each consumer waits for a tile's last products before it starts the next tile. The loops can
 instead issue the next tile's first two products behind this tile's last two
@@ -360,15 +367,16 @@ sT = warpgroup_mma(k, q_smem.index(c % STAGES).permute((1, 0)), s_zero, use_acc=
 dpT = warpgroup_mma(v, do_smem.index(c % STAGES).permute((1, 0)), s_zero, use_acc=False,
                     is_async=True)"""
 
-# Visit c's dV += P^T dO and dK += dS^T Q, issued (not waited for) once its S^T and dP^T are.
+# Visit c's dV += P^T dO, issued once S^T is in, so that it runs while dS^T is computed; then
+# dK += dS^T Q once dP^T is in. Neither is waited for here.
 _DKDV_STEP = """\
 sT = warpgroup_mma_wait(1, deps=(sT,))
 pT = gl.exp2(sT * qk_scale - lse[None, :])
 {mask}
-dpT = warpgroup_mma_wait(0, deps=(dpT,))
-dsT = pT * (dpT - delta[None, :])
 dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), do_smem.index(c % STAGES), dv,
                    is_async=True)
+dpT = warpgroup_mma_wait(1, deps=(dpT,))  # groups retire in order: dV may still run
+dsT = pT * (dpT - delta[None, :])
 dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), q_smem.index(c % STAGES), dk,
                    is_async=True)"""
 
