@@ -14,7 +14,10 @@ For each row, the step ``run.py --bwd`` times (grads dropped, ``sparse_attention
 - ``back_to_back_ms``: steps issued back to back, the L2 not cleared between them, over one
   pair of events: the GPU time of a step when the host keeps ahead;
 - ``kernels``: every GPU kernel of one step (torch.profiler, mean over steps) and their sum,
-  and the GPU's idle time before each (steps back to back): a launch the host issued late;
+  and the GPU's idle time before each (steps back to back). These are the profiler's: on the
+  H100 its kernel times ran 5-7% under every event-timed measure of the same work, and a step
+  whose host time is near its GPU time shows idle time under the profiler alone (session 14:
+  blk16k's ``graph_ms`` equal to its ``step_ms``, with 46 us idle before dQ here);
 - ``host_top``: for our steps, the Python functions taking the most host time (cProfile, own
   time per step, the GPU kept busy as for ``host_ms``). Autograd runs the step's backward on
   a thread of its own, out of cProfile's sight, so the backward op is also measured alone
