@@ -70,6 +70,8 @@ def main() -> None:
                         help="--sm90: time this tree's default forward (with --bwd: its "
                              "backward kernels) against the one of the spcompile package "
                              "copied into DIR (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--against: rounds of rotating order (more resolve smaller gaps)")
     parser.add_argument("--sizes", default="128x128,128x64,64x64",
                         help="tile sweep: Q tokens x KV tokens per tile, comma-separated")
     parser.add_argument("--configs", default="4w2s,4w3s,4w4s,8w2s,8w3s,8w4s",
@@ -79,7 +81,7 @@ def main() -> None:
     if args.sm90:
         if args.against:
             against = tune_against_bwd if args.bwd else tune_against
-            against(rows, args.out, dict(a.split("=", 1) for a in args.against))
+            against(rows, args.out, dict(a.split("=", 1) for a in args.against), args.rounds)
         elif args.bwd:
             tune_sm90_bwd(rows, args.out)
         else:
@@ -263,9 +265,9 @@ def tune_sm90(rows, out_path: str, kv_sizes: tuple[int, ...] = (64, 128)) -> Non
             Path(out_path).write_text(json.dumps(results, indent=1))
 
 
-def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
+def tune_against(rows, out_path: str, others: dict[str, str], rounds: int = 3) -> None:
     """This tree's default forward ("ours": the kernel, tiles and launch a call gets) against
-    that of each other version of the package, in three rounds with SDPA, each round in
+    that of each other version of the package, in ``rounds`` rounds with SDPA, each round in
     another order, each output checked on sampled float64 rows. An other version is a copy of
     the ``spcompile`` directory of another revision, e.g.
 
@@ -296,14 +298,14 @@ def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
                                           D**-0.5)
             kernels[name] = pkg.codegen.launch.forward_kernel(other_plan, q, v)
         errors = {name: sampled_error(row, q, k, v, fns[name]()[0]) for name in kernels}
-        rounds = interleaved_ms(fns, rotate=True)
-        sdpa = statistics.median(rounds["sdpa"])
-        ours = statistics.median(rounds["ours"])
+        timed = interleaved_ms(fns, rounds=rounds, rotate=True)
+        sdpa = statistics.median(timed["sdpa"])
+        ours = statistics.median(timed["ours"])
         for name in kernels:
-            ms = statistics.median(rounds[name])
+            ms = statistics.median(timed[name])
             res = {"id": row.id, "variant": name, "kernel": kernels[name], "err": errors[name],
-                   "ms": ms, "rounds_ms": rounds[name], "sdpa_ms": sdpa,
-                   "sdpa_rounds_ms": rounds["sdpa"], "speedup": sdpa / ms,
+                   "ms": ms, "rounds_ms": timed[name], "sdpa_ms": sdpa,
+                   "sdpa_rounds_ms": timed["sdpa"], "speedup": sdpa / ms,
                    "ours_gain": ms / ours - 1.0,  # > 0: this version is slower than ours
                    "tile_bound": plan.tile_bound,
                    "of_tile_bound": sdpa / ms / plan.tile_bound}
@@ -313,11 +315,11 @@ def tune_against(rows, out_path: str, others: dict[str, str]) -> None:
             Path(out_path).write_text(json.dumps(results, indent=1))
 
 
-def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
+def tune_against_bwd(rows, out_path: str, others: dict[str, str], rounds: int = 3) -> None:
     """``tune_against`` for the Hopper backward: this tree's dQ and dK/dV kernels (each on
     its own tiles and default launch) against those of each other version, on the same
     forward's output and the same dO, with our forward and SDPA's forward and fwd+bwd, in
-    three rounds of rotating order. ``fb_over_fwd``: the fwd+bwd speedup of our forward and
+    ``rounds`` rounds of rotating order. ``fb_over_fwd``: the fwd+bwd speedup of our forward and
     the version's two kernels, over the forward's speedup. Each other version's gradients
     are compared with ours (``agreement``: relative norm of the difference, 0 where
     bit-identical)."""
@@ -351,16 +353,16 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str]) -> None:
                                         dkdv_plan, scale)
             grads[name] = (dq, *dkdv_fn())
             fns[f"{name}_dq"], fns[f"{name}_dkdv"] = dq_fn, dkdv_fn
-        rounds = interleaved_ms(fns, rotate=True)
-        ms = {n: statistics.median(r) for n, r in rounds.items()}
+        timed = interleaved_ms(fns, rounds=rounds, rotate=True)
+        ms = {n: statistics.median(r) for n, r in timed.items()}
         fwd_speedup = ms["sdpa"] / ms["fwd"]
         for name in grads:
             agreement = max(float((a.float() - b.float()).norm() / b.float().norm())
                             for a, b in zip(grads[name], grads["ours"], strict=True))
             res = {"id": row.id, "variant": name, "agreement": agreement,
                    "dq_ms": ms[f"{name}_dq"], "dkdv_ms": ms[f"{name}_dkdv"],
-                   "dq_rounds_ms": rounds[f"{name}_dq"],
-                   "dkdv_rounds_ms": rounds[f"{name}_dkdv"], "sdpa_fb_ms": ms["sdpa_fb"],
+                   "dq_rounds_ms": timed[f"{name}_dq"],
+                   "dkdv_rounds_ms": timed[f"{name}_dkdv"], "sdpa_fb_ms": ms["sdpa_fb"],
                    # > 0: this version is slower than ours
                    "dq_gain": ms[f"{name}_dq"] / ms["ours_dq"] - 1.0,
                    "dkdv_gain": ms[f"{name}_dkdv"] / ms["ours_dkdv"] - 1.0,
