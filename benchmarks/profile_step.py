@@ -54,7 +54,7 @@ from suite import suite
 
 import spcompile as sp
 from spcompile.ops import attention_backward, attention_backward_op, attention_op, pattern_key
-from spcompile.timing import median_ms
+from spcompile.timing import back_to_back_ms, median_ms
 
 STEPS = 20  # steps per host measurement and per profile
 
@@ -90,19 +90,6 @@ def graph_ms(fn) -> float | str:
     except Exception as e:  # report, never hide
         return f"{type(e).__name__}: {str(e)[:200]}"
     return median_ms(graph.replay)
-
-
-def back_to_back_ms(fn, steps: int = 50) -> float:
-    """Mean GPU milliseconds per call of ``fn``, ``steps`` calls issued back to back."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
 
 
 def kernels(fn, steps: int = STEPS) -> tuple[dict[str, float], dict[str, float]]:
@@ -145,7 +132,7 @@ def host_top(fn, steps: int = STEPS, top: int = 12) -> list[tuple[str, float]]:
 def measure(fn, profile_host: bool = False) -> dict:
     ks, idle = kernels(fn)
     res = {"step_ms": median_ms(fn), "graph_ms": graph_ms(fn),
-           "back_to_back_ms": back_to_back_ms(fn), "host_ms": host_ms(fn),
+           "back_to_back_ms": back_to_back_ms(fn, calls=50), "host_ms": host_ms(fn),
            "kernel_sum_ms": sum(ks.values()) / 1e3, "kernels_us": ks, "idle_before_us": idle}
     if profile_host:
         res["host_top"] = host_top(fn)

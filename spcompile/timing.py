@@ -15,17 +15,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["interleaved_ms", "median_ms"]
+__all__ = ["back_to_back_ms", "interleaved_ms", "median_ms"]
 
 
-def _one_run_ms(fn: Callable[[], Any]) -> float:
+def back_to_back_ms(fn: Callable[[], Any], calls: int = 1) -> float:
+    """Mean milliseconds per call of ``fn`` over ``calls`` calls issued back to back between
+    one pair of events (the L2 not cleared between them), after one call of warm-up."""
     fn()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    for _ in range(calls):
+        fn()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    return start.elapsed_time(end) / calls
 
 
 def median_ms(fn: Callable[[], Any], min_reps: int = 10, rep_ms: float = 200.0) -> float:
@@ -34,7 +38,7 @@ def median_ms(fn: Callable[[], Any], min_reps: int = 10, rep_ms: float = 200.0) 
     warm-up."""
     from triton.testing import do_bench
 
-    one = max(_one_run_ms(fn), 1e-3)
+    one = max(back_to_back_ms(fn), 1e-3)
     return float(do_bench(fn, warmup=max(25.0, 2 * one), rep=max(rep_ms, min_reps * one),
                           return_mode="median"))
 
