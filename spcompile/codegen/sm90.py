@@ -425,6 +425,11 @@ def _gl(lines: list[str], indent: int) -> str:
     return "\n".join(pad + line.replace("tl.", "gl.") for line in lines)
 
 
+def gluon_mask(plan: TilePlan) -> str:
+    """The pattern's mask expression on a PARTIAL tile (``emit.mask_expr``), as Gluon."""
+    return mask_expr(plan.list_pattern).replace("tl.", "gl.")
+
+
 _CONSUMER_PARAMS = ("OD, LSE, q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_full, v_full, "
                     "k_empty, v_empty, k_last, H, H_KV, STARTS, ITEMS, FULL_CNT, FULL_BOX, "
                     "PART_IDX, PART_CNT, SCHEDULE, part_stride, sm_scale, s_lb, s_lh")
@@ -552,8 +557,7 @@ def _softmax(plan: TilePlan, indent: int) -> str:
     masking = ""
     if has_partial(plan):
         k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
-        masking = _MASKING.format(k_layout=_gl(k_2d, 4),
-                                  mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+        masking = _MASKING.format(k_layout=_gl(k_2d, 4), mask=gluon_mask(plan))
     return textwrap.indent(_SOFTMAX.format(masking=masking), " " * indent)
 
 

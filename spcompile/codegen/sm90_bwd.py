@@ -62,7 +62,7 @@ from ..plan.choose import best_boxes
 from ..plan.tiles import TilePlan, grid_of
 from ..spec.patterns import Pattern
 from .cache import load_source
-from .emit import layout_code, mask_expr
+from .emit import layout_code
 from .fwd import padded_dim, tma_coords, tma_views, variant_name
 from .sm90 import (
     _HEADER,
@@ -72,6 +72,7 @@ from .sm90 import (
     consumer_halves,
     descriptors,
     gluon_call,
+    gluon_mask,
     gluon_plan,
     half_box,
     half_coords,
@@ -452,8 +453,7 @@ def dq_source(plan: TilePlan, pipelined: bool = False) -> str:
     mask = ""
     if has_partial(plan):
         k_2d = layout_code(plan.kv_layout, "k", "kv_tile", "offs_n", "[None, :]")
-        mask = _DQ_MASK.format(k_layout=_gl(k_2d, 4),
-                               mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+        mask = _DQ_MASK.format(k_layout=_gl(k_2d, 4), mask=gluon_mask(plan))
     step = _DQ_STEP.format(mask=mask)
     if pipelined:
         loop = _DQ_LOOP_PIPELINED.format(step_loop=_indented(step, 8),
@@ -486,7 +486,7 @@ def dkdv_source(plan: TilePlan, pipelined: bool = False) -> str:
     mask = ""
     if has_partial(plan):
         mask = _DKDV_MASK.format(q_2d=_gl(q_2d, 4), offset=plan.kv_len - plan.q_len,
-                                 mask=mask_expr(plan.list_pattern).replace("tl.", "gl."))
+                                 mask=gluon_mask(plan))
     visit = _DKDV_VISIT.format(q_layout=_gl(layout_code(q, "r", "q_tile", "offs_m", ""), 0))
     step = _DKDV_STEP.format(mask=mask)
     if pipelined:
