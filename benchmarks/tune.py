@@ -322,7 +322,8 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str], rounds: int = 
     ``rounds`` rounds of rotating order. ``fb_over_fwd``: the fwd+bwd speedup of our forward and
     the version's two kernels, over the forward's speedup. Each other version's gradients
     are compared with ours (``agreement``: relative norm of the difference, 0 where
-    bit-identical)."""
+    bit-identical). "ours_items" is our dK/dV kernel launched one program per item,
+    "ours_kv1" holding one item's K and V at a time."""
     from spcompile.codegen import launch, sm90_bwd
 
     packages = {name: _package_copy(name, path) for name, path in others.items()}
@@ -353,10 +354,17 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str], rounds: int = 
                                         dkdv_plan, scale)
             grads[name] = (dq, *dkdv_fn())
             fns[f"{name}_dq"], fns[f"{name}_dkdv"] = dq_fn, dkdv_fn
+            if name == "ours":  # one program per item; one item's K and V at a time
+                fns["ours_items_dkdv"] = functools.partial(
+                    dkdv_fn, programs=dkdv_plan.num_kv_tiles * B * H)
+                fns["ours_kv1_dkdv"] = functools.partial(dkdv_fn, kv_buffers=1)
+                grads["ours_kv1"] = (dq, *fns["ours_kv1_dkdv"]())
         timed = interleaved_ms(fns, rounds=rounds, rotate=True)
         ms = {n: statistics.median(r) for n, r in timed.items()}
         fwd_speedup = ms["sdpa"] / ms["fwd"]
         for name in grads:
+            if name == "ours_kv1":
+                continue
             agreement = max(float((a.float() - b.float()).norm() / b.float().norm())
                             for a, b in zip(grads[name], grads["ours"], strict=True))
             res = {"id": row.id, "variant": name, "agreement": agreement,
@@ -369,6 +377,17 @@ def tune_against_bwd(rows, out_path: str, others: dict[str, str], rounds: int = 
                    "fwd_ms": ms["fwd"], "sdpa_ms": ms["sdpa"],
                    "fb_over_fwd": ms["sdpa_fb"] / (ms["fwd"] + ms[f"{name}_dq"]
                                                    + ms[f"{name}_dkdv"]) / fwd_speedup}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        for name in ("ours_items", "ours_kv1"):
+            res = {"id": row.id, "variant": name, "dkdv_ms": ms[f"{name}_dkdv"],
+                   "dkdv_rounds_ms": timed[f"{name}_dkdv"],
+                   "dkdv_gain": ms[f"{name}_dkdv"] / ms["ours_dkdv"] - 1.0,
+                   "fb_over_fwd": ms["sdpa_fb"] / (ms["fwd"] + ms["ours_dq"]
+                                                   + ms[f"{name}_dkdv"]) / fwd_speedup}
+            if name in grads:
+                res["agreement"] = max(float((a.float() - b.float()).norm() / b.float().norm())
+                                       for a, b in zip(grads[name], grads["ours"], strict=True))
             results.append(res)
             print(json.dumps(res), flush=True)
         if out_path:

@@ -15,6 +15,10 @@ on N-d plans the greedy rule ran 2-5% faster: ``codegen.sm90.persistent_for``.) 
 runs its items in increasing order, so the items in flight at once start as neighbours, mostly
 of one head, as in the hardware's order: they share K/V in L2. Over long lists the programs
 drift apart (``persistent_for`` says where that costs).
+
+The dK/dV kernel's items are the KV tiles of each (batch, KV head), numbered the same way in
+its own schedule (``TilePlan.transposed``: the Q tiles visiting each KV tile), each costed by
+its visits over every head of the GQA group (``kv_item_costs``, ``assign_kv_items``).
 """
 
 from __future__ import annotations
@@ -43,10 +47,33 @@ def item_costs(plan: TilePlan, heads: int) -> list[float]:
     return [float(v) + ITEM_OVERHEAD_TILES for v in visits.tolist()] * heads
 
 
+def kv_item_costs(plan: TilePlan, heads: int, group: int) -> list[float]:
+    """The dK/dV kernel's items' costs in tiles (visiting Q tiles x ``group`` query heads per
+    KV head + ``ITEM_OVERHEAD_TILES``), in item order: ``heads`` (batch x KV heads) runs of
+    the plan's KV tiles in their schedule order (``TilePlan.t_schedule``)."""
+    _, full_cnt, _, part_cnt = plan.transposed()
+    visits = (full_cnt + part_cnt)[plan.t_schedule.long()] * group
+    return [float(v) + ITEM_OVERHEAD_TILES for v in visits.tolist()] * heads
+
+
 @functools.lru_cache(maxsize=64)
 def assign_items(plan: TilePlan, heads: int, programs: int) -> tuple[Tensor, Tensor]:
     """(starts int32 [programs + 1], items int32 [heads x Q tiles]): program p runs
-    ``items[starts[p]:starts[p + 1]]``, in increasing order.
+    ``items[starts[p]:starts[p + 1]]``, in increasing order (``greedy_lists`` of
+    ``item_costs``)."""
+    return greedy_lists(item_costs(plan, heads), programs)
+
+
+@functools.lru_cache(maxsize=64)
+def assign_kv_items(plan: TilePlan, heads: int, group: int, programs: int
+                    ) -> tuple[Tensor, Tensor]:
+    """``assign_items`` for the dK/dV kernel's items (``kv_item_costs``)."""
+    return greedy_lists(kv_item_costs(plan, heads, group), programs)
+
+
+def greedy_lists(costs: list[float], programs: int) -> tuple[Tensor, Tensor]:
+    """(starts, items) of ``programs`` programs running the items of these costs, each program
+    its items in increasing order.
 
     Items are taken in order, each by the program whose items so far cost least (the lowest
     index among equals), so with at least as many items as programs program p starts with
@@ -54,7 +81,6 @@ def assign_items(plan: TilePlan, heads: int, programs: int) -> tuple[Tensor, Ten
     """
     if programs < 1:
         raise ValueError(f"assign_items: expected at least one program, got {programs}")
-    costs = item_costs(plan, heads)
     owner = [0] * len(costs)
     free = [(0.0, p) for p in range(programs)]  # (cost so far, program): a heap
     for w, cost in enumerate(costs):

@@ -196,6 +196,11 @@ class TilePlan:
         return _transposed(self)
 
     @property
+    def t_schedule(self) -> Tensor:
+        """The dK/dV pass's order of KV tiles: most visiting Q tiles first (``longest_first``)."""
+        return _t_schedule(self)
+
+    @property
     def full_box(self) -> Tensor | None:
         """Each Q tile's FULL list as a box of KV tiles (``plan.boxes``), or None when some
         list is not one."""
@@ -220,6 +225,12 @@ def _transposed(plan: TilePlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
+def _t_schedule(plan: TilePlan) -> Tensor:
+    _, t_full_cnt, _, t_part_cnt = plan.transposed()
+    return longest_first(t_full_cnt, t_part_cnt)
+
+
+@functools.lru_cache(maxsize=64)
 def _full_box(plan: TilePlan) -> Tensor | None:
     if not plan.pattern.static:  # run-time lists
         return None
@@ -233,7 +244,7 @@ def _device_tensors(plan: TilePlan, device: str) -> dict[str, Tensor]:
     t_full_idx, t_full_cnt, t_part_idx, t_part_cnt = plan.transposed()
     out.update(t_full_idx=t_full_idx.to(device), t_full_cnt=t_full_cnt.to(device),
                t_part_idx=t_part_idx.to(device), t_part_cnt=t_part_cnt.to(device),
-               t_schedule=longest_first(t_full_cnt, t_part_cnt).to(device))
+               t_schedule=plan.t_schedule.to(device))
     if plan.gather is not None:
         out["gather"] = plan.gather.tokens.to(device)
     if plan.full_box is not None:

@@ -133,7 +133,8 @@ def compile_gluon_bwd(plan: TilePlan, kernel: str, pipelined: bool = False) -> d
         q_box = descriptor_box(plan, plan.q_tile, HEAD_DIM)
         half = descriptor_box(plan, sm90.half_box(plan.kv_layout), HEAD_DIM)
         boxes = {"QD": q_box, "DOD": q_box, "KD": half, "VD": half, "DKD": half, "DVD": half}
-        const = {"STAGES": sm90_bwd.dkdv_launch_stages(plan, HEAD_DIM)}
+        const = {"STAGES": sm90_bwd.dkdv_launch_stages(plan, HEAD_DIM),
+                 "KV_BUFS": sm90_bwd.DKDV_KV_BUFFERS}
     const.update(BLOCK_D=HEAD_DIM, SWIZZLE=sm90.swizzle_bytes(HEAD_DIM, 2))
     return {**_build_gluon(name, fn, boxes, const), "kernel": kernel, "pipelined": pipelined}
 

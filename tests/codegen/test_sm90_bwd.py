@@ -25,7 +25,9 @@ from spcompile.codegen.sm90_bwd import (
     dkdv_tiles,
     dq_in_scope,
     dq_tiles,
+    kv_item_table,
 )
+from spcompile.plan.assign import assign_kv_items
 from spcompile.plan.choose import backward_tiles
 from spcompile.plan.tiles import build_plan
 
@@ -92,6 +94,24 @@ def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert launch.backward_kernels(q, q, None, *plans) == ("triton", "triton")  # a CPU tensor
 
 
+def test_kv_item_table() -> None:
+    """Each entry of the dK/dV kernel's program lists, written out as the kernel reads it:
+    (batch x KV heads + KV head, KV tile, FULL count, total count) of the item that
+    ``assign_kv_items`` put there; KV tiles no query visits included (a decode shape)."""
+    pattern, sq, skv = CASES["sliding-decode"][:3]
+    plan = build_plan(pattern, sq, skv, *dkdv_tiles(pattern, sq, skv))
+    heads, group, programs = 4, 2, 3
+    starts, table = kv_item_table(plan, heads, group, programs)
+    want_starts, items = assign_kv_items(plan, heads, group, programs)
+    assert torch.equal(starts, want_starts) and table.dtype == torch.int32
+    _, full_cnt, _, part_cnt = plan.transposed()
+    assert int((full_cnt + part_cnt == 0).sum()) > 0
+    nt = plan.num_kv_tiles
+    for (bhk, tile, n_full, n), w in zip(table.tolist(), items.tolist(), strict=True):
+        assert (bhk, tile) == (w // nt, int(plan.t_schedule[w % nt]))
+        assert (n_full, n) == (int(full_cnt[tile]), int(full_cnt[tile] + part_cnt[tile]))
+
+
 def test_lowers_for_sm90() -> None:
     """Both generated kernels of a 1-D, a 2-D and a 3-D plan compile for Hopper on any
     machine: a producer and two consumers with their register budgets, TMA copies and stores,
@@ -121,7 +141,9 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     """dQ, delta, dK and dV against float64 and the Triton kernels, and equal bit for bit on a
-    second run (no atomics)."""
+    second run (no atomics). dK/dV also bit for bit on 3 and 7 programs, each running several
+    items (KV tiles) through both K/V buffers or one, some that no Q tile visits
+    (sliding-decode)."""
     pattern, q, k, v, do = random_inputs(CASES[case], dtype, with_do=True)
     sq, skv = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5
@@ -141,6 +163,11 @@ def test_matches_reference(case: str, dtype: torch.dtype) -> None:
     dk2, dv2 = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale) or (None, None)
     for a, b in ((dq, dq2), (delta, delta2), (dk, dk2), (dv, dv2)):
         assert b is not None and torch.equal(a, b)
+    for programs, kv_buffers in ((3, 2), (7, 2), (3, 1)):
+        got = attn_bwd_dkdv_sm90(do, q, k, v, lse, delta, dkdv_plan, scale, programs=programs,
+                                 kv_buffers=kv_buffers)
+        assert got is not None
+        assert torch.equal(got[0], dk) and torch.equal(got[1], dv), (programs, kv_buffers)
     triton_dq, _ = attn_bwd_dq(do, q, k, v, out, lse, dq_plan, scale)
     triton_dk, triton_dv = attn_bwd_dkdv(do, q, k, v, lse, delta, dkdv_plan, scale)
     for got, want in ((dq, triton_dq), (dk, triton_dk), (dv, triton_dv)):

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import spcompile as sp
-from spcompile.plan.assign import assign_items, item_costs, stride_items
+from spcompile.plan.assign import (
+    assign_items,
+    assign_kv_items,
+    greedy_lists,
+    item_costs,
+    kv_item_costs,
+    stride_items,
+)
 from spcompile.plan.tiles import build_plan
 
 # Q tiles of unequal length: a window shorter near both ends of the sequence, and an N-d grid.
@@ -78,3 +85,19 @@ def test_costs_follow_the_schedule():
     assert costs[0] == max(costs) and costs[0] == float(visits[0]) + 1.0
     with pytest.raises(ValueError, match="at least one program"):
         assign_items(plan, 2, 0)
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_kv_items_follow_the_transposed_schedule(name):
+    """The dK/dV kernel's items: each KV tile's visiting Q tiles, over every head of the
+    group, in ``t_schedule`` order; every item runs once, on the greedy rule's program."""
+    plan, heads, group, programs = PLANS[name], 3, 2, 5
+    _, full_cnt, _, part_cnt = plan.transposed()
+    visits = (full_cnt + part_cnt)[plan.t_schedule.long()]
+    costs = kv_item_costs(plan, heads, group)
+    assert costs == [float(v) * group + 1.0 for v in visits.tolist()] * heads
+    assert visits.tolist() == sorted(visits.tolist(), reverse=True)
+    starts, items = assign_kv_items(plan, heads, group, programs)
+    want_starts, want_items = greedy_lists(costs, programs)
+    assert torch.equal(starts, want_starts) and torch.equal(items, want_items)
+    assert sorted(items.tolist()) == list(range(heads * plan.num_kv_tiles))
