@@ -725,9 +725,12 @@ def kv_head_bytes(kv_len: int, head_dim: int, element_bytes: int) -> int:
     return 2 * kv_len * padded_dim(head_dim) * element_bytes
 
 
-def persistent_call(q: Tensor, k: Tensor) -> bool:
-    """``persistent_for`` these tensors on their GPU: the launch ``attn_fwd_sm90`` makes."""
-    return persistent_for(k.shape[2], q.shape[3], q.element_size(), l2_bytes(q.device.index))
+def persistent_call(rows: Tensor) -> bool:
+    """``persistent_for`` on ``rows``' GPU, for the [B, H, S, D] tensor whose heads every
+    program re-reads across its items: K for the forward (the launch ``attn_fwd_sm90`` makes),
+    Q for the dK/dV kernel (``sm90_bwd.dkdv_programs``)."""
+    return persistent_for(rows.shape[2], rows.shape[3], rows.element_size(),
+                          l2_bytes(rows.device.index))
 
 
 @functools.lru_cache(maxsize=8)
@@ -758,7 +761,7 @@ def attn_fwd_sm90(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float,
     t = plan.device_tensors(q.device)
     items = plan.num_q_tiles * b * h
     if programs is None:
-        programs = num_sms(q.device) if persistent_call(q, k) else items
+        programs = num_sms(q.device) if persistent_call(k) else items
     programs = min(programs, items)
     starts, order = assignment or _assignment(plan, b * h, programs, str(q.device))
     _module(plan).attn_fwd_sm90[(programs,)](

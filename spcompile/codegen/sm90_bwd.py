@@ -84,8 +84,7 @@ from .sm90 import (
     half_coords,
     has_partial,
     kv_loop_source,
-    l2_bytes,
-    persistent_for,
+    persistent_call,
     q_tile_program,
     ring_depth,
     swizzle_bytes,
@@ -730,9 +729,7 @@ def dkdv_programs(q: Tensor, items: int) -> int:
     """The dK/dV kernel's grid: one program per SM where one head's Q and dO fit in L2 (the
     forward's rule, ``sm90.persistent_for``, for the tensors this kernel re-reads), else one
     per item."""
-    if persistent_for(q.shape[2], q.shape[3], q.element_size(), l2_bytes(q.device.index)):
-        return num_sms(q.device)
-    return items
+    return num_sms(q.device) if persistent_call(q) else items
 
 
 def kv_item_table(plan: TilePlan, heads: int, group: int, programs: int
